@@ -1,0 +1,12 @@
+"""Settings every test process shares: no telemetry, loopback-only collective traffic, a stable build cache."""
+import os
+import sys
+from pathlib import Path
+
+# Subprocesses started by tests (mlflow server, moto_server, ray) come from this virtual environment.
+os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+# DeepSpeed compiles its CPU shared-memory comm op once; later runs reuse it from here.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "bitmixer" / "torch_extensions"))
