@@ -1,0 +1,125 @@
+"""Bit-switchable layers (section 3.1): QConv2d and QLinear.
+
+Each layer quantizes its weights and its input activations to the bit-width currently assigned to it, with
+one learnable step size per bit-width, separately for weights (`weight_step_size`) and activations
+(`activation_step_size`). Switching bit-width only changes a Python integer: nothing is allocated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bitwidths import BitWidths
+from .quantizer import QuantizerOptions, initial_step_size, quantize, quantize_nested
+
+
+class QuantizedLayerMixin:
+    """State and behaviour shared by QConv2d and QLinear (weight in `self.weight`)."""
+
+    def _init_quantization(self, bits, quantizer, switchable: bool) -> None:
+        self.bit_widths = BitWidths.coerce(bits)
+        self.quantizer = QuantizerOptions.coerce(quantizer)
+        # A non-switchable layer (the 8-bit first conv / last FC) keeps its bits whatever set_bits says.
+        self.switchable = switchable
+        self.quantize_weights = True
+        self.quantize_activations = True
+        self._bit_index = len(self.bit_widths) - 1  # start at the largest bit-width
+        n = len(self.bit_widths)
+        self.weight_step_size = nn.Parameter(torch.ones(n))
+        self.activation_step_size = nn.Parameter(torch.ones(n))
+        # Which activation step sizes hold a data-driven value (saved, so a resumed run does not re-init).
+        self.register_buffer("activation_step_initialized", torch.zeros(n, dtype=torch.bool))
+        self._activation_steps_ready = False  # Python cache of activation_step_initialized.all()
+        self._calibrating = False
+        self.register_load_state_dict_post_hook(_forget_ready_cache)
+        self.reset_weight_step_sizes()
+
+    # -- bit-width -------------------------------------------------------------------------------
+    @property
+    def bits(self) -> int:
+        """Current bit-width (= activation bits)."""
+        return self.bit_widths.activations[self._bit_index]
+
+    @property
+    def weight_bits(self) -> int:
+        return self.bit_widths.weights[self._bit_index]
+
+    def set_bit_width(self, bits: int) -> None:
+        self._bit_index = self.bit_widths.index(bits)
+
+    # -- step sizes ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_weight_step_sizes(self) -> None:
+        """LSQ init from the current weights: 2 * mean|W| / sqrt(m_b) for every weight bit-width."""
+        for i, b in enumerate(self.bit_widths.weights):
+            self.weight_step_size[i] = initial_step_size(self.weight, b)
+
+    @torch.no_grad()
+    def _initialise_activation_step(self, x: torch.Tensor) -> None:
+        i, bits = self._bit_index, self.bits
+        if self.quantizer.nesting == "clip":  # only the largest bit-width's alpha is used (Eq. 3-4)
+            i, bits = len(self.bit_widths) - 1, self.bit_widths.max_bits
+        if self._calibrating or not bool(self.activation_step_initialized[i]):
+            self.activation_step_size[i] = initial_step_size(x, bits).clamp_min(1e-8)
+            self.activation_step_initialized[i] = True
+        used = self.activation_step_initialized[-1:] if self.quantizer.nesting == "clip" else self.activation_step_initialized
+        self._activation_steps_ready = bool(used.all())
+
+    # -- quantization ----------------------------------------------------------------------------
+    def _quantize(self, x: torch.Tensor, steps: torch.Tensor, bit_set: tuple[int, ...], numel: int) -> torch.Tensor:
+        q = self.quantizer
+        bits = bit_set[self._bit_index]
+        if q.nesting == "clip":  # Eq. 3-4: the largest bit-width's alpha, shared by every bit-width
+            return quantize_nested(x, steps[-1], bits, bit_set[-1], rounding=q.rounding,
+                                   symmetric=q.symmetric, gradient_numel=numel)
+        return quantize(x, steps[self._bit_index], bits, rounding=q.rounding, symmetric=q.symmetric,
+                        gradient_numel=numel)
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quantize_activations:
+            return x
+        if self._calibrating or (self.training and not self._activation_steps_ready):
+            self._initialise_activation_step(x)  # LSQ init from the first batch seen in training
+        # LSQ's N for activations: features per sample.
+        return self._quantize(x, self.activation_step_size, self.bit_widths.activations, x[0].numel())
+
+    def quantized_weight(self) -> torch.Tensor:
+        if not self.quantize_weights:
+            return self.weight  # Stage I: real-valued weights
+        return self._quantize(self.weight, self.weight_step_size, self.bit_widths.weights, self.weight.numel())
+
+    def quantization_repr(self) -> str:
+        kind = "switchable" if self.switchable else "fixed"
+        return f"bits={self.bit_widths.activations}/w{self.bit_widths.weights} ({kind}), now={self.bits}"
+
+
+def _forget_ready_cache(module, incompatible_keys) -> None:
+    module._activation_steps_ready = False
+
+
+class QConv2d(QuantizedLayerMixin, nn.Conv2d):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=False, *, bits=BitWidths(), quantizer=None, switchable: bool = True):
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        self._init_quantization(bits, quantizer, switchable)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", " + self.quantization_repr()
+
+
+class QLinear(QuantizedLayerMixin, nn.Linear):
+    def __init__(self, in_features, out_features, bias=True, *, bits=BitWidths(), quantizer=None,
+                 switchable: bool = True):
+        nn.Linear.__init__(self, in_features, out_features, bias)
+        self._init_quantization(bits, quantizer, switchable)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", " + self.quantization_repr()

@@ -1,0 +1,173 @@
+"""Eq. 1-4 of the paper: the unified LSQ-style quantizer of Bit-Mixer.
+
+    q_b(x) = alpha * q'( clip(x / alpha, -m_b, m_b) ),   m_b = 2**(b-1) - 1
+    q'     = floor            for b > 1
+             sign             for b = 1   (m_1 = 0, so the clip range is [-1, 1] and the output is +-alpha)
+
+The gradients follow LSQ (Esser et al., 2020): straight-through for x inside the clip range and zero
+outside; for alpha, d q / d alpha = q'(v) - v inside and the clip bound outside, scaled by
+1 / sqrt(numel * max(m_b, 1)).
+
+Decisions written down here because the paper leaves them open:
+- sign(0) = +1, so every binary value is exactly +-alpha (no third state at 0).
+- floor(clip(x/alpha)) is not symmetric around 0 (floor(-0.3) = -1); that is the paper's formula and it is
+  kept on purpose: it lets W_i be obtained from W_{i+1} without the real weights (section 3.1).
+- rounding="round" uses torch.round, i.e. round-half-to-even.
+- The asymmetric variant (section 4.6) clips to [-2**(b-1), 2**(b-1) - 1]; for b = 1 it is the same
+  sign quantizer (a 1-bit asymmetric range {-1, 0} would not be a binary network).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+ROUNDINGS = ("floor", "round")
+NESTINGS = ("scale", "clip")
+
+
+def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Value of x, gradient of x times scale (LSQ's step-size gradient scale)."""
+    scaled = x * scale
+    return (x - scaled).detach() + scaled
+
+
+def floor_pass(x: torch.Tensor) -> torch.Tensor:
+    """floor(x) forward, identity backward (straight-through estimator)."""
+    return (x.floor() - x).detach() + x
+
+
+def round_pass(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward (half to even), identity backward."""
+    return (x.round() - x).detach() + x
+
+
+def sign_pass(x: torch.Tensor) -> torch.Tensor:
+    """sign(x) with sign(0) = +1 forward, identity backward. Integer range {-1, +1}."""
+    sign = torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+    return (sign - x).detach() + x
+
+
+def integer_range(bits: int, symmetric: bool = True) -> tuple[int, int]:
+    """(lowest, highest) integer state of a b-bit quantizer; b = 1 is binary: (-1, 1)."""
+    if bits == 1:
+        return -1, 1
+    if symmetric:
+        m = 2 ** (bits - 1) - 1  # m_b of Eq. 2: the range {-m_b, ..., m_b} discards one state
+        return -m, m
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def max_level(bits: int) -> int:
+    """m_b = 2**(b-1) - 1 of Eq. 2 (0 for binary)."""
+    return 2 ** (bits - 1) - 1
+
+
+def lsq_gradient_scale(numel: int, bits: int) -> float:
+    """LSQ's gradient scale for the step size: 1 / sqrt(numel * max(m_b, 1))."""
+    return 1.0 / math.sqrt(max(int(numel), 1) * max(max_level(bits), 1))
+
+
+def initial_step_size(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """LSQ initialisation 2 * mean|x| / sqrt(m_b) (m_b taken as 1 for binary), as a 0-dim tensor."""
+    return 2.0 * x.detach().abs().mean() / math.sqrt(max(max_level(bits), 1))
+
+
+def _check_bits(bits: int) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an integer from 1 to 8, got {bits!r}.")
+
+
+def _check_rounding(rounding: str) -> None:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}.")
+
+
+def quantize(
+    x: torch.Tensor,
+    alpha: torch.Tensor,
+    bits: int,
+    *,
+    rounding: str = "floor",
+    symmetric: bool = True,
+    gradient_numel: int | None = None,
+) -> torch.Tensor:
+    """Eq. 2: alpha * q'(clip(x / alpha, lo, hi)), with the LSQ gradients.
+
+    gradient_numel is the N of LSQ's gradient scale 1/sqrt(N * max(m_b, 1)); it defaults to x.numel()
+    (right for weights); layers pass the per-sample feature count for activations.
+    """
+    _check_bits(bits)
+    _check_rounding(rounding)
+    numel = x.numel() if gradient_numel is None else gradient_numel
+    alpha = grad_scale(alpha, lsq_gradient_scale(numel, bits))
+    lo, hi = integer_range(bits, symmetric)
+    v = torch.clamp(x / alpha, lo, hi)
+    if bits == 1:
+        return sign_pass(v) * alpha
+    return (floor_pass(v) if rounding == "floor" else round_pass(v)) * alpha
+
+
+def quantize_nested(
+    x: torch.Tensor,
+    alpha: torch.Tensor,
+    bits: int,
+    max_bits: int,
+    *,
+    rounding: str = "floor",
+    symmetric: bool = True,
+    gradient_numel: int | None = None,
+) -> torch.Tensor:
+    """Eq. 3-4 (section 4.5 ablation): quantize to max_bits with one alpha, then clip the integers to
+    the b-bit range, so every bit-width shares the states of the largest one.
+
+    For b = 1 the clipped range would be {0} (m_1 = 0), so binary takes sign of the max-bit integers.
+    """
+    _check_bits(bits)
+    _check_bits(max_bits)
+    _check_rounding(rounding)
+    if bits > max_bits:
+        raise ValueError(f"bits ({bits}) must not exceed max_bits ({max_bits}) in nested quantization.")
+    numel = x.numel() if gradient_numel is None else gradient_numel
+    alpha = grad_scale(alpha, lsq_gradient_scale(numel, max_bits))
+    lo, hi = integer_range(max_bits, symmetric)
+    v = torch.clamp(x / alpha, lo, hi)
+    levels = floor_pass(v) if rounding == "floor" else round_pass(v)  # Eq. 3: W_n on the integer grid
+    if bits == 1:
+        return sign_pass(levels) * alpha
+    lo_b, hi_b = integer_range(bits, symmetric)
+    return torch.clamp(levels, lo_b, hi_b) * alpha  # Eq. 4: W_i = alpha * clip(W_n, -m_i, m_i)
+
+
+@dataclass(frozen=True)
+class QuantizerOptions:
+    """The quantizer variants of sections 4.5-4.6 (defaults: the paper's main method)."""
+
+    rounding: str = "floor"
+    symmetric: bool = True
+    nesting: str = "scale"  # "scale": one alpha per bit-width (Eq. 2); "clip": Eq. 3-4
+
+    def __post_init__(self) -> None:
+        _check_rounding(self.rounding)
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"symmetric must be true or false, got {self.symmetric!r}.")
+        if self.nesting not in NESTINGS:
+            raise ValueError(f"nesting must be one of {NESTINGS}, got {self.nesting!r}.")
+
+    @classmethod
+    def coerce(cls, value: "QuantizerOptions | dict | None") -> "QuantizerOptions":
+        """Accept the options object itself, None (defaults) or a plain mapping from a YAML config."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            unknown = set(value) - {"rounding", "symmetric", "nesting"}
+            if unknown:
+                raise ValueError(
+                    f"quantizer options got unknown key(s) {sorted(unknown)}; use rounding, symmetric, nesting."
+                )
+            return cls(**value)
+        raise ValueError(f"quantizer must be QuantizerOptions or a mapping, got {type(value).__name__}.")

@@ -1,0 +1,119 @@
+"""Transitional Batch-Norm (section 3.2).
+
+The BN that sits between quantized layer l-1 (the *previous* layer, which produced its input, at i bits)
+and quantized layer l (the *next* layer, which consumes its output, at j bits) keeps separate gamma, beta
+and running statistics for every (i, j) pair and uses the pair of the current assignment.
+
+The entries are ordinary nn.BatchNorm2d sub-modules in an nn.ModuleList, so all of them are parameters
+of the model, saved in `state_dict` (keys `entries.<k>.weight`, ...) and loaded back; `entry_keys[k]`
+names the (i, j) pair of entry k. Selecting a pair only changes an integer: no parameter is copied.
+
+A side whose layer has a fixed precision (the full-precision or 8-bit first conv and last FC) has a single
+bit-width, e.g. (32,) or (8,), so that side contributes one key only.
+
+Modes (Table 1 ablation):
+- "transitional": one entry per (i, j) pair (the paper).
+- "per_bit": one entry per bit-width, as in AdaBits; keyed by the previous layer's bits i (the layer whose
+  output is normalised), or by j when the previous layer has a fixed precision.
+- "shared": one plain BN for every assignment.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+MODES = ("transitional", "per_bit", "shared")
+
+
+class TransitionalBatchNorm2d(nn.Module):
+    def __init__(
+        self,
+        num_features: int,
+        bits: Iterable[int] = (2, 3, 4),
+        mode: str = "transitional",
+        *,
+        previous_bits: Iterable[int] | None = None,
+        next_bits: Iterable[int] | None = None,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"bn mode must be one of {MODES}, got {mode!r}.")
+        self.num_features = num_features
+        self.mode = mode
+        self.previous_bits = tuple(bits if previous_bits is None else previous_bits)
+        self.next_bits = tuple(bits if next_bits is None else next_bits)
+        pairs = [(i, j) for i in self.previous_bits for j in self.next_bits]
+        if mode == "transitional":
+            keys = pairs
+            lookup = {p: k for k, p in enumerate(pairs)}
+        elif mode == "per_bit":
+            by_next = len(self.previous_bits) == 1 and len(self.next_bits) > 1
+            keys = list(self.next_bits if by_next else self.previous_bits)
+            lookup = {(i, j): keys.index(j if by_next else i) for i, j in pairs}
+        else:
+            keys = ["shared"]
+            lookup = {p: 0 for p in pairs}
+        self.entry_keys = keys
+        self._lookup = lookup
+        self.entries = nn.ModuleList(nn.BatchNorm2d(num_features, eps=eps, momentum=momentum) for _ in keys)
+        # Start at the (max, max) pair.
+        self._active = lookup[(self.previous_bits[-1], self.next_bits[-1])]
+        # Wiring to the layers on each side (plain references, not sub-modules): see `wire`.
+        self._previous_layer = None
+        self._next_layer = None
+
+    # -- selection -------------------------------------------------------------------------------
+    def set_transition(self, previous_bits: int, next_bits: int) -> None:
+        """Use the entry of the transition previous layer at `previous_bits` -> next layer at `next_bits`."""
+        try:
+            self._active = self._lookup[(previous_bits, next_bits)]
+        except KeyError:
+            raise ValueError(
+                f"no Transitional BN entry for the transition {previous_bits} -> {next_bits} bits; "
+                f"this BN was built for previous bits {self.previous_bits} and next bits {self.next_bits}."
+            ) from None
+
+    @property
+    def active_entry(self) -> nn.BatchNorm2d:
+        return self.entries[self._active]
+
+    @property
+    def transition(self):
+        return self.entry_keys[self._active]
+
+    # -- wiring to the model's layers ------------------------------------------------------------
+    def wire(self, previous, next) -> None:
+        """Remember the layers on each side: a quantized layer, or an int for a fixed-precision side.
+
+        Kept as plain Python references inside a tuple so that nn.Module does not register them twice.
+        """
+        self._previous_layer = (previous,)
+        self._next_layer = (next,)
+
+    def refresh(self) -> None:
+        """Pick the entry from the wired layers' current bits ((max, max) when activations are FP32)."""
+        if self._previous_layer is None:
+            return
+        self.set_transition(
+            _side_bits(self._previous_layer[0], self.previous_bits),
+            _side_bits(self._next_layer[0], self.next_bits),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.entries[self._active](x)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, mode={self.mode}, entries={len(self.entries)}, transition={self.transition}"
+
+
+def _side_bits(layer, bit_set: tuple[int, ...]) -> int:
+    if isinstance(layer, int):
+        return layer
+    if not layer.quantize_activations:  # FP32 (teacher) mode: use the (max, max) entry
+        return bit_set[-1]
+    return layer.bits
