@@ -1,0 +1,138 @@
+"""Eq. 1-4 against a float64 reference written here, and the LSQ gradients against their formulas."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bitmixer_core import QuantizerOptions, initial_step_size, quantize, quantize_nested
+
+ALPHA = 0.5  # a power of two: x / alpha is exact, so the reference and torch must agree bit for bit
+
+
+def integer_bounds(bits, symmetric):
+    if bits == 1:
+        return -1, 1
+    if symmetric:
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def reference_eq2(x, alpha, bits, rounding="floor", symmetric=True):
+    """q_b(x) = alpha * q'(clip(x/alpha, lo, hi)); q' = floor (or round) for b > 1, sign (sign(0)=+1) for b = 1."""
+    lo, hi = integer_bounds(bits, symmetric)
+    v = np.clip(x / alpha, lo, hi)
+    if bits == 1:
+        return alpha * np.where(v >= 0, 1.0, -1.0)
+    return alpha * (np.floor(v) if rounding == "floor" else np.round(v))
+
+
+def probe_values(bits, symmetric):
+    """Values across and beyond the range, including exactly the clip edges and half steps."""
+    lo, hi = integer_bounds(bits, symmetric)
+    grid = np.arange(lo - 2, hi + 2.25, 0.25) * ALPHA
+    edges = np.array([lo, hi, lo - 1e-9, hi + 1e-9, lo + 1e-9, hi - 1e-9, 0.0, -0.0, 1e-12, -1e-12]) * ALPHA
+    rng = np.random.default_rng(bits)
+    return np.concatenate([grid, edges, rng.normal(0, hi * ALPHA, 200)])
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("rounding", ["floor", "round"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quantize_matches_float64_reference_of_eq2(bits, rounding, symmetric):
+    """quantize must equal alpha * q'(clip(x/alpha, -m_b, m_b)) exactly, clip edges included."""
+    x = probe_values(bits, symmetric)
+    got = quantize(torch.tensor(x), torch.tensor(ALPHA, dtype=torch.float64), bits,
+                   rounding=rounding, symmetric=symmetric)
+    np.testing.assert_array_equal(got.numpy(), reference_eq2(x, ALPHA, bits, rounding, symmetric))
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_symmetric_floor_uses_exactly_the_2m_plus_1_states(bits):
+    """The symmetric range is {-m_b..m_b} (2**b - 1 states) and the floor is not symmetric around 0."""
+    x = torch.linspace(-10, 10, 20001, dtype=torch.float64) * 2 ** bits
+    levels = torch.unique(quantize(x, torch.tensor(1.0, dtype=torch.float64), bits) / 1.0)
+    m = 2 ** (bits - 1) - 1
+    assert levels.tolist() == list(range(-m, m + 1))
+    assert quantize(torch.tensor([-0.3], dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64), bits).item() == -1
+
+
+def test_binary_is_plus_minus_alpha_with_sign_of_zero_positive():
+    """b = 1 is alpha * sign(x), and sign(0) = +1 so there are exactly two states."""
+    x = torch.tensor([-3.0, -0.1, 0.0, 0.1, 3.0])
+    assert quantize(x, torch.tensor(0.7), 1).tolist() == pytest.approx([-0.7, -0.7, 0.7, 0.7, 0.7])
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("rounding", ["floor", "round"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gradients_follow_ste_and_lsq_formulas(bits, rounding, symmetric):
+    """dq/dx = 1 inside the clip range, 0 outside; dq/dalpha = q'(v) - v inside, the bound outside, times
+    the LSQ scale 1/sqrt(numel * max(m_b, 1))."""
+    torch.manual_seed(bits)
+    lo, hi = integer_bounds(bits, symmetric)
+    alpha0 = 0.37
+    x = (torch.rand(500, dtype=torch.float64) * (hi - lo + 4) + lo - 2) * alpha0
+    x = x.requires_grad_()
+    alpha = torch.tensor(alpha0, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(500, dtype=torch.float64)
+    (quantize(x, alpha, bits, rounding=rounding, symmetric=symmetric) * upstream).sum().backward()
+
+    v = x.detach() / alpha0
+    inside = (v >= lo) & (v <= hi)
+    torch.testing.assert_close(x.grad, torch.where(inside, upstream, torch.zeros_like(upstream)))
+
+    vc = v.clamp(lo, hi)
+    if bits == 1:
+        q = torch.where(vc >= 0, 1.0, -1.0).double()
+    else:
+        q = vc.floor() if rounding == "floor" else vc.round()
+    per_element = torch.where(inside, q - v, vc)
+    scale = 1.0 / math.sqrt(x.numel() * max(2 ** (bits - 1) - 1, 1))
+    torch.testing.assert_close(alpha.grad, (upstream * per_element).sum() * scale)
+
+
+def test_gradient_numel_sets_the_lsq_scale():
+    """The step-size gradient scale uses the given N (per-sample feature count for activations)."""
+    x = torch.randn(4, 10, dtype=torch.float64)
+    grads = []
+    for numel in (None, 10):
+        alpha = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        quantize(x, alpha, 3, gradient_numel=numel).sum().backward()
+        grads.append(alpha.grad)
+    torch.testing.assert_close(grads[1], grads[0] * math.sqrt(40 / 10))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("rounding", ["floor", "round"])
+def test_clip_nesting_matches_eq3_eq4(bits, rounding):
+    """Eq. 3-4: W_n = q'(clip(W/alpha, -m_n, m_n)); W_i = alpha * clip(W_n, -m_i, m_i) (sign for b = 1)."""
+    x = probe_values(4, True)
+    got = quantize_nested(torch.tensor(x), torch.tensor(ALPHA, dtype=torch.float64), bits, 4, rounding=rounding)
+    levels = reference_eq2(x, ALPHA, 4, rounding) / ALPHA
+    if bits == 1:
+        expected = ALPHA * np.where(levels >= 0, 1.0, -1.0)
+    else:
+        m = 2 ** (bits - 1) - 1
+        expected = ALPHA * np.clip(levels, -m, m)
+    np.testing.assert_array_equal(got.numpy(), expected)
+
+
+def test_initial_step_size_is_two_mean_abs_over_sqrt_m():
+    """LSQ init: 2 mean|x| / sqrt(m_b), with m taken as 1 for binary."""
+    x = torch.tensor([1.0, -3.0, 2.0, -2.0])
+    assert initial_step_size(x, 4).item() == pytest.approx(2 * 2.0 / math.sqrt(7))
+    assert initial_step_size(x, 1).item() == pytest.approx(4.0)
+
+
+def test_bad_options_are_rejected_with_the_field_named():
+    """Unknown rounding / nesting values and out-of-range bits fail with a sentence naming them."""
+    with pytest.raises(ValueError, match="rounding"):
+        QuantizerOptions(rounding="ceil")
+    with pytest.raises(ValueError, match="nesting"):
+        QuantizerOptions.coerce({"nesting": "share"})
+    with pytest.raises(ValueError, match="unknown key"):
+        QuantizerOptions.coerce({"round": "floor"})
+    with pytest.raises(ValueError, match="bits must be an integer from 1 to 8"):
+        quantize(torch.zeros(2), torch.tensor(1.0), 9)
