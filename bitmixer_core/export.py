@@ -117,18 +117,37 @@ class _Grid:
         return (v.floor() if self.rounding == "floor" else v.round()).to(torch.int64)
 
     def cell(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[lower, upper) of the real values that quantize to level z (infinite at the clipped ends)."""
+        """(lower, upper) bounds of the real values that quantize to level z (infinite at the clipped ends).
+
+        A learned step size can turn negative (LSQ does not constrain its sign); x / alpha then runs the
+        other way, so the cell is mirrored. Whether an end is open or closed is left to the encoder's check.
+        """
         lo, hi = self.range
-        a = torch.tensor(self.alpha, dtype=torch.float64)
+        a = torch.tensor(abs(self.alpha), dtype=torch.float64)
         zf = z.to(torch.float64)
         if self.bits == 1:
             lower = torch.where(z > 0, 0.0, -math.inf).to(torch.float64)
             upper = torch.where(z > 0, math.inf, 0.0).to(torch.float64)
-            return lower, upper
-        shift = 0.0 if self.rounding == "floor" else 0.5
-        lower = torch.where(z <= lo, -math.inf, (zf - shift) * a)
-        upper = torch.where(z >= hi, math.inf, (zf + 1 - shift) * a)
+        else:
+            shift = 0.0 if self.rounding == "floor" else 0.5
+            lower = torch.where(z <= lo, -math.inf, (zf - shift) * a)
+            upper = torch.where(z >= hi, math.inf, (zf + 1 - shift) * a)
+        if self.alpha < 0:
+            lower, upper = -upper, -lower
         return lower, upper
+
+    def levels_over(self, lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lowest and highest level reachable for x in (lower, upper) (the level is monotone in x)."""
+        lo_level, hi_level = self.range
+        if self.alpha < 0:  # levels fall as x rises
+            lower, upper = -upper, -lower
+        grid = _Grid(self.bits, abs(self.alpha), self.rounding, self.symmetric)
+        finite_low = torch.isfinite(lower)
+        c_lo = torch.where(finite_low, grid.level(torch.where(finite_low, lower, 0.0).float()), lo_level)
+        just_below = torch.nextafter(upper.float(), torch.tensor(-math.inf))
+        finite_up = torch.isfinite(upper)
+        c_hi = torch.where(finite_up, grid.level(torch.where(finite_up, just_below, 0.0)), hi_level)
+        return c_lo, torch.maximum(c_hi, c_lo)
 
 
 def _layer_grids(layer: QuantizedLayerMixin) -> list[_Grid]:
@@ -158,17 +177,6 @@ def integer_weights(layer: QuantizedLayerMixin, rank: int | None = None) -> torc
 def _descending_lower_ranks(grids: list[_Grid]) -> list[int]:
     # largest first: each decoded bit-width narrows the cell the next one is chosen in
     return sorted(range(len(grids) - 1), key=lambda r: -grids[r].bits)
-
-
-def _candidates(grid: _Grid, lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lowest and highest level of ``grid`` reachable inside [lower, upper) (the level is monotone in x)."""
-    lo_level, hi_level = grid.range
-    finite_low = torch.isfinite(lower)
-    c_lo = torch.where(finite_low, grid.level(torch.where(finite_low, lower, 0.0).float()), lo_level)
-    just_below = torch.nextafter(upper.float(), torch.tensor(-math.inf))
-    finite_up = torch.isfinite(upper)
-    c_hi = torch.where(finite_up, grid.level(torch.where(finite_up, just_below, 0.0)), hi_level)
-    return c_lo, torch.maximum(c_hi, c_lo)
 
 
 def _width(count_max: int) -> int:
@@ -210,7 +218,7 @@ def _encode_weight(layer: QuantizedLayerMixin, lower_bits: str, segments: _Segme
     if lower_bits == "exact":
         for rank in _descending_lower_ranks(grids):
             grid = grids[rank]
-            c_lo, c_hi = _candidates(grid, lower, upper)
+            c_lo, c_hi = grid.levels_over(lower, upper)
             counts = c_hi - c_lo + 1
             ambiguous = counts > 1
             width = _width(int(counts.max()))
@@ -225,7 +233,7 @@ def _encode_weight(layer: QuantizedLayerMixin, lower_bits: str, segments: _Segme
             z_b = c_lo + offset
             cell_lo, cell_up = grid.cell(z_b)
             lower, upper = torch.maximum(lower, cell_lo), torch.minimum(upper, cell_up)
-    rebuilt = _midpoint(lower, upper, 0.5 * top.alpha)
+    rebuilt = _midpoint(lower, upper, 0.5 * abs(top.alpha))
     # Check with the quantizer itself; what does not reproduce (float edges) is stored as it is.
     ranks = range(len(grids)) if lower_bits == "exact" else [len(grids) - 1]
     wrong = torch.zeros_like(weight, dtype=torch.bool)
@@ -251,14 +259,14 @@ def _decode_weight(entry: dict[str, Any], grids: list[_Grid], numel: int, payloa
     lower, upper = top.cell(z_top)
     for item in entry["lower"]:
         grid = grids[item["rank"]]
-        c_lo, c_hi = _candidates(grid, lower, upper)
+        c_lo, c_hi = grid.levels_over(lower, upper)
         ambiguous = (c_hi - c_lo + 1) > 1
         offset = torch.zeros(numel, dtype=torch.int64)
         picks = unpack_integers(segment(item["choices"]), item["width"], int(ambiguous.sum()), low=0)
         offset[ambiguous] = torch.from_numpy(picks)
         cell_lo, cell_up = grid.cell(c_lo + offset)
         lower, upper = torch.maximum(lower, cell_lo), torch.minimum(upper, cell_up)
-    weight = _midpoint(lower, upper, 0.5 * top.alpha)
+    weight = _midpoint(lower, upper, 0.5 * abs(top.alpha))
     verbatim = entry["verbatim"]
     if verbatim["count"]:
         index = torch.from_numpy(np.frombuffer(segment(verbatim["index"]), dtype="<i8").copy())
@@ -425,7 +433,7 @@ def derived_weight_agreement(model: nn.Module) -> dict[int, float]:
         weight = layer.weight.detach().float().reshape(-1)
         top = grids[-1]
         lower, upper = top.cell(top.level(weight))
-        rebuilt = _midpoint(lower, upper, 0.5 * top.alpha)
+        rebuilt = _midpoint(lower, upper, 0.5 * abs(top.alpha))
         for grid in grids:
             same = int((grid.level(rebuilt) == grid.level(weight)).sum())
             acc = agree.setdefault(grid.bits, [0, 0])

@@ -30,8 +30,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import torch
+from torch import nn
 
 __all__ = [
+    "layer_macs",
     "RankedAssignment",
     "total_bits_for_average",
     "assignment_score",
@@ -68,6 +71,30 @@ def assignment_score(bits: Sequence[int], eigenvalues: Sequence[float]) -> float
 def assignment_bitops(bits: Sequence[int], macs: Sequence[int], weight_bits_of: dict[int, int]) -> int:
     """BitOPs of an assignment: sum of MACs * weight bits * activation bits over the quantized layers."""
     return int(sum(m * weight_bits_of[b] * b for b, m in zip(bits, macs)))
+
+
+@torch.no_grad()
+def layer_macs(model: nn.Module, images: torch.Tensor) -> dict[str, int]:
+    """Multiply-accumulates per image of each switchable quantized layer (forward order), measured with
+    hooks on one forward pass of ``images`` (the input size decides the convolutions' output sizes)."""
+    from .assignment import quantized_layers
+
+    macs: dict[str, int] = {}
+    hooks = []
+    for name, layer in quantized_layers(model):
+        def hook(module, inputs, output, name=name):
+            per_output = module.weight[0].numel()  # (in_channels / groups) * kernel area, or in_features
+            macs[name] = int(output[0].numel() * per_output)
+        hooks.append(layer.register_forward_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        model(images[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return {name: macs[name] for name, _ in quantized_layers(model)}
 
 
 def _check_inputs(eigenvalues: Sequence[float], bit_choices: Sequence[int], k: int) -> tuple[list[float], list[int]]:

@@ -25,11 +25,11 @@ def test_packing_refuses_values_outside_the_bit_range():
         E.pack_integers(np.array([0, 4]), 2, low=0)
 
 
-def _layer(weights, rounding="floor", seed=0):
+def _layer(weights, rounding="floor", seed=0, signs=(1, 1, 1)):
     torch.manual_seed(seed)
     layer = QConv2d(16, 32, 3, bits={"weights": weights, "activations": (2, 3, 4)}, quantizer={"rounding": rounding})
-    with torch.no_grad():  # learned step sizes are not nested by powers of two
-        layer.weight_step_size.mul_(torch.rand(3) * 0.5 + 0.75)
+    with torch.no_grad():  # learned step sizes are not nested by powers of two, and may turn negative
+        layer.weight_step_size.mul_((torch.rand(3) * 0.5 + 0.75) * torch.tensor(signs, dtype=torch.float32))
     return layer
 
 
@@ -41,11 +41,16 @@ def _round_trip(layer, mode):
     return entry, E._decode_weight(entry, grids, layer.weight.numel(), payload).reshape(layer.weight.shape)
 
 
-@pytest.mark.parametrize("weights,rounding", [((2, 3, 4), "floor"), ((1, 3, 4), "floor"), ((2, 3, 4), "round")])
-def test_exact_mode_reproduces_every_bit_width_from_packed_integers(weights, rounding):
-    """Rebuilt weights must quantize to exactly the trained integers at every weight bit-width."""
-    layer = _layer(weights, rounding)
-    _, rebuilt = _round_trip(layer, "exact")
+@pytest.mark.parametrize("weights,rounding,signs", [
+    ((2, 3, 4), "floor", (1, 1, 1)), ((1, 3, 4), "floor", (1, 1, 1)), ((2, 3, 4), "round", (1, 1, 1)),
+    ((2, 3, 4), "floor", (1, -1, -1)), ((2, 3, 4), "floor", (-1, 1, -1)),
+])
+def test_exact_mode_reproduces_every_bit_width_from_packed_integers(weights, rounding, signs):
+    """Rebuilt weights quantize to exactly the trained integers at every weight bit-width, none stored
+    verbatim, also when training has turned some step sizes negative."""
+    layer = _layer(weights, rounding, signs=signs)
+    entry, rebuilt = _round_trip(layer, "exact")
+    assert entry["verbatim"]["count"] == 0
     original = layer.weight.detach().clone()
     for b in (2, 3, 4):
         layer.set_bit_width(b)

@@ -79,3 +79,17 @@ def test_deep_network_search_is_fast_enough_to_not_enumerate():
     got = top_k_by_average_bits(eig, (2, 3, 4), 3.0, k=5)
     assert len(got) == 5 and all(sum(a.bits) == 150 for a in got)
     assert got[0].bits == tuple([2] * 25 + [4] * 25)
+
+
+def test_layer_macs_count_convolution_multiply_accumulates():
+    """MACs of a conv = output elements per image x (in_channels/groups x kernel area)."""
+    import torch
+
+    from bitmixer_core import build_model, quantized_layers
+    from bitmixer_core.subnet_search import layer_macs
+
+    model = build_model("resnet_tiny", num_classes=10, stem="small")
+    macs = layer_macs(model, torch.zeros(2, 3, 8, 8))
+    assert list(macs) == [n for n, _ in quantized_layers(model)]
+    # layer1.0.conv1: 8 -> 8 channels, 3x3, on the 8x8 map of the small stem: 8*8*8 outputs x 8*9
+    assert macs["layer1.0.conv1"] == 8 * 8 * 8 * 8 * 9
