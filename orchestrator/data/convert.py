@@ -1,0 +1,60 @@
+"""ImageFolder tree (`SRC/train/<class>/*`, `SRC/val/<class>/*`) -> `OUT/{train,val}.beton` + `classes.json`.
+
+Order of work: check the tree (classes, empty classes), check that every image decodes (unreadable ones are
+skipped, counted and listed in `OUT/skipped.txt`; more than `max_bad_fraction` of them fails the run),
+then write each split under a temporary name and rename it, and `classes.json` last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .beton import ensure_writable_folder, write_atomically, write_beton, write_json
+from .config import WriterConfig
+from .errors import DataError
+from .image_folder import SPLITS, ImageSamples, Sample, find_unreadable, scan_image_folder
+
+
+@dataclass(frozen=True)
+class ConversionSummary:
+    classes: dict[str, int]
+    written: dict[str, int]  # images per split
+    skipped: list[tuple[Path, str]]
+
+
+def _drop_unreadable(split: str, samples: list[Sample], bad: set[Path], classes: dict[str, int]) -> list[Sample]:
+    kept = [s for s in samples if s.path not in bad]
+    emptied = sorted(set(classes) - {name for name, label in classes.items() if any(s.label == label for s in kept)})
+    if emptied:
+        raise DataError(
+            f"Every image of class {emptied[0]} in {split}/ is unreadable (see skipped.txt); replace them or remove "
+            "the class from both train/ and val/."
+        )
+    return kept
+
+
+def convert_image_folder(src: str | Path, out: str | Path, writer: WriterConfig) -> ConversionSummary:
+    out = ensure_writable_folder(out)
+    classes, splits = scan_image_folder(src)
+
+    skipped: list[tuple[Path, str]] = []
+    for split in SPLITS:
+        skipped += find_unreadable(splits[split], workers=writer.workers, desc=f"checking {split}")
+    write_atomically(out / "skipped.txt", "".join(f"{path}\t{reason}\n" for path, reason in skipped))
+    total = sum(len(samples) for samples in splits.values())
+    if len(skipped) > writer.max_bad_fraction * total:
+        raise DataError(
+            f"{len(skipped)} of {total} images are unreadable, more than the allowed fraction "
+            f"{writer.max_bad_fraction} (listed in {out / 'skipped.txt'}); fix or remove them, or raise "
+            "--max-bad-fraction."
+        )
+
+    bad = {path for path, _ in skipped}
+    written = {}
+    for split in SPLITS:
+        samples = _drop_unreadable(split, splits[split], bad, classes)
+        write_beton(ImageSamples(samples), out / f"{split}.beton", writer, desc=f"writing {split}")
+        written[split] = len(samples)
+    write_json(out / "classes.json", classes)
+    return ConversionSummary(classes=classes, written=written, skipped=skipped)

@@ -1,0 +1,5 @@
+"""The one exception the data room raises for bad input: its message is one sentence a user can act on."""
+
+
+class DataError(ValueError):
+    """Bad data input (missing folder, mismatched classes, too many unreadable images, ...)."""
