@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .layers import QuantizedLayerMixin
-from .quantizer import grad_scale, integer_range, lsq_gradient_scale
+from .quantizer import integer_range
 
 __all__ = [
     "ArtifactError",
@@ -153,10 +153,7 @@ class _Grid:
 def _layer_grids(layer: QuantizedLayerMixin) -> list[_Grid]:
     """The weight grids of a layer, one per rank of its bit set (largest last)."""
     q = layer.quantizer
-    numel = layer.weight.numel()
-    with torch.no_grad():  # the value the layer divides by: LSQ's grad_scale may move alpha by an ulp
-        steps = [float(grad_scale(layer.weight_step_size[i].detach().float(), lsq_gradient_scale(numel, b)))
-                 for i, b in enumerate(layer.bit_widths.weights)]
+    steps = layer.weight_step_size.detach().float().tolist()  # the layer divides by alpha as it is
     if q.nesting == "clip":
         raise ValueError(
             "export supports the paper's quantizer (nesting='scale'); with nesting='clip' every bit-width already "

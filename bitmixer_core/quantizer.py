@@ -75,6 +75,55 @@ def initial_step_size(x: torch.Tensor, bits: int) -> torch.Tensor:
     return 2.0 * x.detach().abs().mean() / math.sqrt(max(max_level(bits), 1))
 
 
+class _LinearQuantize(torch.autograd.Function):
+    """Eq. 2 with its LSQ gradients in one autograd node: the same maths as the chain
+    grad_scale -> clamp -> floor_pass / round_pass / sign_pass -> * alpha, in a few passes over memory
+    (the chain costs ~13 activation-sized passes per step, this ~6; see bench/train_step.py).
+
+    Backward uses  dq/dx = 1 strictly inside (lo, hi), else 0  and, since q = alpha * q'(v),
+        sum_i g_i dq_i/dalpha = sum_i g_i (q'(v_i) - v_i [inside]) = (g . q - (g [inside]) . x) / alpha,
+    i.e. two dot products with tensors that exist anyway (the output is also what the conv saves).
+    At exactly a clip edge the value is the bound, so the edge counts as outside (gradient 0 for x)."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, lo: int, hi: int, rounding: str, scale: float):
+        v = torch.div(x, alpha).clamp_(lo, hi)
+        out = _levels_(v, rounding).mul_(alpha)
+        ctx.save_for_backward(x, alpha, out)
+        ctx.lo, ctx.hi, ctx.scale = lo, hi, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, alpha, out = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = _straight_through(grad, x, alpha, ctx.lo, ctx.hi)
+        grad_alpha = None
+        if ctx.needs_input_grad[1]:
+            g_dot_q = torch.dot(grad.reshape(-1), out.reshape(-1))
+            gx_dot_x = torch.dot(grad_x.reshape(-1), x.reshape(-1))
+            grad_alpha = ((g_dot_q - gx_dot_x) / alpha * ctx.scale).reshape(alpha.shape)
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_alpha, None, None, None, None
+
+
+def _straight_through(grad: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, lo: int, hi: int,
+                      fused: bool | None = None) -> torch.Tensor:
+    """grad where lo < x/alpha < hi, else 0. On CPU one fused kernel (hardtanh's backward, which needs the
+    bounds as numbers); elsewhere a mask, so that reading alpha never synchronises an accelerator."""
+    if x.device.type == "cpu" if fused is None else fused:
+        a = float(alpha)
+        return torch.ops.aten.hardtanh_backward(grad, x.contiguous(), lo * a, hi * a)
+    inside = (x > lo * alpha) & (x < hi * alpha)
+    return torch.where(inside, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+
+
+def _levels_(v: torch.Tensor, rounding: str) -> torch.Tensor:
+    """q' of Eq. 2, in place on already clipped values: floor, round, or sign (sign(0) = +1) for binary."""
+    if rounding == "sign":
+        return torch.where(v >= 0, 1.0, -1.0).to(v.dtype)
+    return v.floor_() if rounding == "floor" else v.round_()
+
+
 def _check_bits(bits: int) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
         raise ValueError(f"bits must be an integer from 1 to 8, got {bits!r}.")
@@ -102,12 +151,9 @@ def quantize(
     _check_bits(bits)
     _check_rounding(rounding)
     numel = x.numel() if gradient_numel is None else gradient_numel
-    alpha = grad_scale(alpha, lsq_gradient_scale(numel, bits))
     lo, hi = integer_range(bits, symmetric)
-    v = torch.clamp(x / alpha, lo, hi)
-    if bits == 1:
-        return sign_pass(v) * alpha
-    return (floor_pass(v) if rounding == "floor" else round_pass(v)) * alpha
+    q_prime = "sign" if bits == 1 else rounding
+    return _LinearQuantize.apply(x, alpha, lo, hi, q_prime, lsq_gradient_scale(numel, bits))
 
 
 def quantize_nested(

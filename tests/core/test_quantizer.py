@@ -68,8 +68,8 @@ def test_binary_is_plus_minus_alpha_with_sign_of_zero_positive():
 @pytest.mark.parametrize("rounding", ["floor", "round"])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_gradients_follow_ste_and_lsq_formulas(bits, rounding, symmetric):
-    """dq/dx = 1 inside the clip range, 0 outside; dq/dalpha = q'(v) - v inside, the bound outside, times
-    the LSQ scale 1/sqrt(numel * max(m_b, 1))."""
+    """dq/dx = 1 inside the clip range, 0 outside (an exact edge counts as outside: its value is the
+    bound); dq/dalpha = q'(v) - v inside, the bound outside, times the LSQ scale 1/sqrt(numel * max(m_b, 1))."""
     torch.manual_seed(bits)
     lo, hi = integer_bounds(bits, symmetric)
     alpha0 = 0.37
@@ -80,7 +80,7 @@ def test_gradients_follow_ste_and_lsq_formulas(bits, rounding, symmetric):
     (quantize(x, alpha, bits, rounding=rounding, symmetric=symmetric) * upstream).sum().backward()
 
     v = x.detach() / alpha0
-    inside = (v >= lo) & (v <= hi)
+    inside = (v > lo) & (v < hi)
     torch.testing.assert_close(x.grad, torch.where(inside, upstream, torch.zeros_like(upstream)))
 
     vc = v.clamp(lo, hi)
@@ -91,6 +91,31 @@ def test_gradients_follow_ste_and_lsq_formulas(bits, rounding, symmetric):
     per_element = torch.where(inside, q - v, vc)
     scale = 1.0 / math.sqrt(x.numel() * max(2 ** (bits - 1) - 1, 1))
     torch.testing.assert_close(alpha.grad, (upstream * per_element).sum() * scale)
+
+
+def test_accelerator_mask_path_matches_fused_cpu_path():
+    """The mask path used off-CPU (no host sync) gives the same straight-through gradient as the fused one."""
+    from bitmixer_core.quantizer import _straight_through
+    x, g, alpha = torch.randn(1000) * 3, torch.randn(1000), torch.tensor(0.4)
+    torch.testing.assert_close(_straight_through(g, x, alpha, -3, 3, fused=False),
+                               _straight_through(g, x, alpha, -3, 3, fused=True))
+
+
+def test_float32_step_size_gradient_is_accurate_on_large_tensors():
+    """The dot-product form of the alpha gradient keeps float32 accuracy on an activation-sized tensor."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 64, 16, 16)
+    g = torch.randn_like(x)
+    for bits in (2, 4, 8):
+        alpha = torch.tensor(0.05 if bits == 8 else 0.5, requires_grad=True)
+        (quantize(x, alpha, bits) * g).sum().backward()
+        xd, ad = x.double(), alpha.detach().double()
+        m = 2 ** (bits - 1) - 1
+        v = xd / ad
+        inside = (v > -m) & (v < m)
+        vc = v.clamp(-m, m)
+        expected = (g.double() * torch.where(inside, vc.floor() - v, vc)).sum() / (x.numel() * m) ** 0.5
+        assert alpha.grad.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
 def test_gradient_numel_sets_the_lsq_scale():
