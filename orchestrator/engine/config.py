@@ -1,0 +1,205 @@
+"""The typed configuration of one training stage (I, II, III, an FP32 teacher, or a fixed-bit baseline).
+
+Every section rejects unknown keys and names the bad field, so a typo in a YAML preset fails before Ray
+starts. `config_hash` is the identity of a resolved stage: the pipeline skips a stage whose hash already
+has a FINISHED run in MLflow.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from orchestrator.data.config import DataConfig
+from orchestrator.tracking.config import TrackingConfig
+
+
+class ModelConfig(BaseModel):
+    """Which meta-network to build; passed unchanged to `bitmixer_core.build_model`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Architecture name from bitmixer_core.available_models(), e.g. resnet18.")
+    num_classes: int = Field(gt=1, description="Number of output classes.")
+    bits_weights: list[int] = Field([2, 3, 4], min_length=1, description="Weight bit-widths, aligned by rank "
+                                                                       "with bits_activations.")
+    bits_activations: list[int] = Field([2, 3, 4], min_length=1, description="Activation bit-widths; a "
+                                                                           "layer's bit-width is this one.")
+    stem: Literal["imagenet", "small"] = Field("imagenet", description="ImageNet stem (224 px) or small-input "
+                                                                       "stem (32 px).")
+    first_last: Literal["fp32", "int8"] = Field("fp32", description="Precision of the first conv and last FC.")
+    bn: Literal["transitional", "per_bit", "shared"] = Field("transitional", description="Transitional BN "
+                                                             "(section 3.2) or the Table 1 ablations.")
+    rounding: Literal["floor", "round"] = Field("floor", description="q' of Eq. 2 (floor in the paper).")
+    symmetric: bool = Field(True, description="Symmetric integer range of Eq. 2 (False: asymmetric ablation).")
+    nesting: Literal["scale", "clip"] = Field("scale", description="Per-bit step sizes, or the clip-based "
+                                                                   "nesting of Eq. 3-4 (ablation).")
+
+    @model_validator(mode="after")
+    def _aligned_bits(self) -> "ModelConfig":
+        if len(self.bits_weights) != len(self.bits_activations):
+            raise ValueError(f"model.bits_weights {self.bits_weights} and model.bits_activations "
+                             f"{self.bits_activations} must have the same length (they pair by rank).")
+        for field, bits in (("bits_weights", self.bits_weights), ("bits_activations", self.bits_activations)):
+            if any(b < 1 or b > 8 for b in bits):
+                raise ValueError(f"model.{field} {bits} must hold bit-widths between 1 and 8.")
+        return self
+
+    def build_kwargs(self) -> dict:
+        """Plain-data keyword arguments (JSON-able) saved in model.pt so any reader can rebuild the net."""
+        return {"num_classes": self.num_classes,
+                "bits": {"weights": list(self.bits_weights), "activations": list(self.bits_activations)},
+                "stem": self.stem, "first_last": self.first_last, "bn": self.bn,
+                "quantizer": {"rounding": self.rounding, "symmetric": self.symmetric, "nesting": self.nesting}}
+
+    def build(self):
+        """The bitmixer_core model (on CPU, in FP32)."""
+        from orchestrator.engine.checkpoint import build_from_kwargs
+        return build_from_kwargs(self.name, self.build_kwargs())
+
+
+class OptimConfig(BaseModel):
+    """Adam with L2 weight decay; cosine learning rate with linear warm-up, stepped per iteration (section 5.1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr_peak: float = Field(1e-3, gt=0, description="Learning rate at the end of the warm-up.")
+    weight_decay: float = Field(1e-4, ge=0, description="L2 weight decay (Adam, not AdamW, as in the paper).")
+    epochs: int = Field(160, gt=0, description="Epochs of this stage.")
+    warmup_epochs: float = Field(10, ge=0, description="Epochs of linear warm-up from 0 to lr_peak.")
+    lr_final: float = Field(0.0, ge=0, description="Learning rate at the last iteration of the cosine.")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "OptimConfig":
+        if self.warmup_epochs >= self.epochs and self.epochs > 1:
+            raise ValueError(f"optim.warmup_epochs ({self.warmup_epochs}) must be shorter than optim.epochs "
+                             f"({self.epochs}); lower warmup_epochs.")
+        return self
+
+
+class PolicyConfig(BaseModel):
+    """Which bit-widths each training iteration uses (section 3.3)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: Literal["fp32", "one", "two", "three", "fixed"] = Field(description="fp32: no quantization "
+        "(teacher); one/two/three: Stages I-III; fixed: every layer at fixed_bits (Independent baseline).")
+    fixed_bits: int | None = Field(None, description="Bit-width of the 'fixed' policy.")
+    k: float = Field(0.75, ge=0, le=1, description="Stage III target of 1 - sigma (share of per-layer draws).")
+    ramp_epochs: float = Field(80, ge=0, description="Epochs over which 1 - sigma ramps from 0 to k.")
+    ramp_shape: Literal["linear", "cosine"] = Field("linear", description="Shape of the 1 - sigma ramp.")
+    granularity: Literal["layer", "block"] = Field("layer", description="Stage III draws per layer or per "
+                                                                        "residual block.")
+
+    @model_validator(mode="after")
+    def _fixed_needs_bits(self) -> "PolicyConfig":
+        if self.stage == "fixed" and self.fixed_bits is None:
+            raise ValueError("policy.fixed_bits is required when policy.stage is 'fixed'; set it to one of "
+                             "the model's bit-widths.")
+        return self
+
+
+class DistillConfig(BaseModel):
+    """Knowledge distillation from a frozen teacher of the same architecture (section 4.3)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: Literal["none", "path"] = Field("none", description="'path': load the teacher from teacher_uri.")
+    teacher_uri: str | None = Field(None, description="A model.pt path, or an MLflow URI (runs:/<id>/model.pt, "
+                                                      "models:/..., mlflow-artifacts:/...) of one.")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of the KD term.")
+    weight: float = Field(1.0, ge=0, description="Weight of the KD term: loss = CE + weight * T^2 * KL.")
+
+    @model_validator(mode="after")
+    def _teacher_needs_uri(self) -> "DistillConfig":
+        if self.teacher == "path" and not self.teacher_uri:
+            raise ValueError("distill.teacher_uri is required when distill.teacher is 'path'; give a model.pt "
+                             "path or an MLflow URI.")
+        return self
+
+
+class DeepSpeedConfig(BaseModel):
+    """The DeepSpeed engine of every worker; the JSON config is generated from this (engine/deepspeed_config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    zero_stage: Literal[0, 1, 2] = Field(1, description="ZeRO stage (0, 1 or 2; 3 shards params, not needed).")
+    grad_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    bf16_on_gpu: bool = Field(True, description="bf16 mixed precision on GPU (CPU always trains in fp32).")
+    gradient_clipping: float = Field(0.0, ge=0, description="Max gradient norm (0 = off).")
+
+
+class ScalingConfig(BaseModel):
+    """Ray Train workers of the stage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_workers: int = Field(2, ge=1, description="Data-parallel workers (ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (fractions allowed).")
+
+
+class DebugConfig(BaseModel):
+    """Fault injection for the fault-tolerance test; never set in real runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    crash_after_epoch: int | None = Field(None, description="Rank 1 (or 0 alone) exits hard after this epoch, "
+                                                            "once (a marker file remembers it).")
+    crash_marker: str | None = Field(None, description="Marker file path that makes the crash happen once.")
+
+
+class StageConfig(BaseModel):
+    """One stage of Bit-Mixer training = one Ray TorchTrainer run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Stage name (run name, folder name), e.g. resnet18-stage2.")
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig = OptimConfig()
+    policy: PolicyConfig
+    distill: DistillConfig = DistillConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    init_from: str | None = Field(None, description="model.pt of the previous stage (path or MLflow URI).")
+    eval_every_epochs: int = Field(1, ge=1, description="Evaluate every N epochs (and always at the end).")
+    rand_seeds: list[int] = Field([0, 1, 2], min_length=3, description="Seeds of the 'Rand.' evaluation.")
+    seed: int = Field(0, description="Run seed: weights init and the per-step sub-net draws.")
+    storage_path: str = Field("./runs", description="Ray storage for checkpoints: a local folder or s3://...")
+    max_failures: int = Field(1, ge=0, description="Worker failures tolerated (resume from last checkpoint).")
+    debug: DebugConfig = DebugConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "StageConfig":
+        if self.policy.fixed_bits is not None and self.policy.fixed_bits not in self.model.bits_activations:
+            raise ValueError(f"policy.fixed_bits ({self.policy.fixed_bits}) is not one of "
+                             f"model.bits_activations {self.model.bits_activations}.")
+        if self.data.batch_size % self.scaling.num_workers:
+            raise ValueError(f"data.batch_size ({self.data.batch_size}) must be divisible by "
+                             f"scaling.num_workers ({self.scaling.num_workers}): it is the global batch.")
+        micro = self.data.batch_size // self.scaling.num_workers
+        if micro % self.deepspeed.grad_accumulation:
+            raise ValueError(f"the per-worker batch ({micro}) must be divisible by "
+                             f"deepspeed.grad_accumulation ({self.deepspeed.grad_accumulation}).")
+        return self
+
+    @property
+    def per_worker_batch(self) -> int:
+        """Per-worker batch = global // workers (one optimizer step consumes it, in grad_accumulation parts)."""
+        return self.data.batch_size // self.scaling.num_workers
+
+
+# Fields that do not change what is trained: left out of the hash so a re-run with another tracking
+# server, storage, or worker count still finds the finished stage.
+_HASH_EXCLUDE = {"tracking": True, "storage_path": True, "debug": True, "scaling": True}
+
+
+def config_hash(cfg: StageConfig) -> str:
+    """sha256 of the canonical JSON of the resolved config (sorted keys, no whitespace)."""
+    payload = cfg.model_dump(mode="json", exclude=_HASH_EXCLUDE)
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()

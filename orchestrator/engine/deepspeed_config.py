@@ -1,0 +1,36 @@
+"""The DeepSpeed JSON config of a stage, generated from our typed config (never written by hand)."""
+from __future__ import annotations
+
+from orchestrator.engine.config import StageConfig
+
+
+def deepspeed_config(cfg: StageConfig, *, world_size: int, use_gpu: bool) -> dict:
+    """ZeRO stage, micro-batch and gradient accumulation, precision, and the optimizer.
+
+    - Per-worker batch = global // workers; one optimizer step consumes it in `grad_accumulation`
+      micro-batches, so train_batch_size stays the configured global batch.
+    - bf16 on GPU when asked; fp32 on CPU (CPU bf16 kernels are slow and gloo cannot reduce them well).
+    - Adam with L2 weight decay (the paper's Adam, not AdamW) as plain torch Adam: `torch_adam` keeps
+      DeepSpeed from compiling FusedAdam, which needs CUDA (and ~95 s of build on a CPU machine).
+    The learning-rate schedule is passed to deepspeed.initialize as a torch LambdaLR (engine/schedule.py).
+    """
+    accumulation = cfg.deepspeed.grad_accumulation
+    per_worker = cfg.data.batch_size // world_size
+    config = {
+        "train_batch_size": per_worker * world_size,
+        "train_micro_batch_size_per_gpu": per_worker // accumulation,
+        "gradient_accumulation_steps": accumulation,
+        "optimizer": {
+            "type": "Adam",
+            "params": {"lr": cfg.optim.lr_peak, "weight_decay": cfg.optim.weight_decay,
+                       "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True, "adam_w_mode": False},
+        },
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": bool(use_gpu and cfg.deepspeed.bf16_on_gpu)},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,  # progress is ours: one line per epoch
+        "wall_clock_breakdown": False,
+    }
+    if cfg.deepspeed.gradient_clipping > 0:
+        config["gradient_clipping"] = cfg.deepspeed.gradient_clipping
+    return config

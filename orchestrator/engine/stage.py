@@ -1,0 +1,100 @@
+"""Driver side of one stage: check the tracking store, open the MLflow run, fit a Ray TorchTrainer (Train V2)
+whose workers run `worker.train_loop_per_worker`, fetch the consolidated model.pt, close the run."""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator.engine.checkpoint import MODEL_FILE
+from orchestrator.engine.config import StageConfig, config_hash
+from orchestrator.tracking.reachability import check_tracking_reachable
+from orchestrator.tracking.stage_run import (TAG_ARCHITECTURE, TAG_CONFIG_HASH, TAG_STAGE, close_stage_run,
+                                             open_stage_run)
+
+
+@dataclass
+class StageResult:
+    """What a finished stage hands to the next one (and to the pipeline)."""
+
+    name: str
+    model_path: str  # consolidated model.pt on the driver's filesystem
+    metrics: dict  # last reported metrics: per-bit top1/top5, rand_top1_mean/std, train_loss, ...
+    mlflow_run_id: str
+    checkpoint_dir: str  # Ray's last checkpoint (local folder or s3://...)
+    config_hash: str = ""
+    subnet_digests: list = field(default_factory=list)  # one fingerprint of the sub-net draws per rank
+
+
+def torch_extensions_dir() -> str:
+    """A stable cache for DeepSpeed's compiled ops (shm-comm takes 35-50 s to build the first time)."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "bitmixer" / "torch_extensions")
+
+
+def _ensure_ray(cfg: StageConfig) -> None:
+    """Start a local Ray when none is running, with the variables its workers need."""
+    import ray
+    if ray.is_initialized():
+        return
+    env = {"TORCH_EXTENSIONS_DIR": torch_extensions_dir()}
+    if not cfg.scaling.use_gpu and not os.environ.get("RAY_ADDRESS"):
+        env.setdefault("GLOO_SOCKET_IFNAME", os.environ.get("GLOO_SOCKET_IFNAME", "lo"))  # local CPU run
+    ray.init(runtime_env={"env_vars": env})
+
+
+def _fetch_model_pt(checkpoint, destination: Path) -> Path:
+    """Copy model.pt out of Ray's checkpoint (local folder or S3) to `destination`, atomically."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = destination.with_name(f".{destination.name}.tmp")
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{MODEL_FILE}") as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.replace(tmp, destination)
+    return destination
+
+
+def run_stage(cfg: StageConfig) -> StageResult:
+    """Train one stage to its end (resuming from Ray's last checkpoint after a worker failure)."""
+    check_tracking_reachable(cfg.tracking)  # one sentence now rather than a failure an hour later
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.engine.worker import train_loop_per_worker
+
+    digest = config_hash(cfg)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
+    resolved = cfg.model_dump(mode="json")
+    run_id = open_stage_run(
+        tracking_uri=cfg.tracking.tracking_uri, experiment=cfg.tracking.experiment,
+        run_name=cfg.tracking.run_name or cfg.name, parent_run_id=cfg.tracking.parent_run_id,
+        resolved_config=resolved,
+        tags={TAG_STAGE: cfg.policy.stage, TAG_ARCHITECTURE: cfg.model.name, TAG_CONFIG_HASH: digest})
+    try:
+        _ensure_ray(cfg)
+        storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"stage": resolved, "run_id": run_id, "torch_extensions_dir": torch_extensions_dir()},
+            scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+            run_config=RunConfig(
+                # The hash in the name: a re-run of the same config resumes its own checkpoints, never another's.
+                name=f"{cfg.name}-{digest[:12]}", storage_path=storage,
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        )
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        checkpoint = result.checkpoint
+        local_dir = Path(storage) / f"{cfg.name}-{digest[:12]}" if "://" not in storage else Path("runs") / cfg.name
+        model_path = _fetch_model_pt(checkpoint, local_dir / MODEL_FILE)
+        metrics = dict(result.metrics)
+    except BaseException:
+        close_stage_run(cfg.tracking.tracking_uri, run_id, succeeded=False)
+        raise
+    digests = metrics.pop("subnet_digests", [])
+    close_stage_run(cfg.tracking.tracking_uri, run_id, succeeded=True,
+                    final_metrics={k: v for k, v in metrics.items() if k.startswith(("top", "rand_", "train_loss"))})
+    return StageResult(name=cfg.name, model_path=str(model_path), metrics=metrics, mlflow_run_id=run_id,
+                       checkpoint_dir=str(checkpoint.path), config_hash=digest, subnet_digests=digests)

@@ -1,0 +1,229 @@
+"""The training loop of one Ray Train worker (one data-parallel rank) for one stage.
+
+It differs from single-process training only by a few distributed calls: Ray has already made the process
+group; DeepSpeed wraps the model; the loaders shard the data; evaluation all-reduces its counts; every rank
+reports its DeepSpeed shard with the epoch's checkpoint and Ray merges them.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from orchestrator.engine.config import StageConfig
+
+CHECKPOINT_TAG = "deepspeed"  # one tag per reported checkpoint folder (Ray keeps one folder per epoch)
+STATE_FILE = "engine_state.pt"
+
+
+def _device(use_gpu: bool) -> torch.device:
+    if use_gpu:
+        import ray.train.torch
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+def _quantization_initialised(net) -> bool:
+    import bitmixer_core as core
+    layers = [m for m in net.modules() if isinstance(m, core.QuantizedLayerMixin)]
+    return all(bool(m.activation_step_initialized.all()) for m in layers)
+
+
+@torch.no_grad()
+def _broadcast_from_rank0(net) -> None:
+    """Make every rank hold rank 0's parameters and buffers (calibration saw a different batch per rank)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for tensor in list(net.parameters()) + list(net.buffers()):
+            dist.broadcast(tensor.data, src=0)
+
+
+def _first_images(train_loader, epoch: int) -> torch.Tensor:
+    """One training batch for activation calibration; the loader is put back on `epoch` afterwards (FFCV
+    advances its epoch counter whenever an iteration starts)."""
+    batches = iter(train_loader)
+    images = next(batches)[0].clone()
+    batches.close()
+    train_loader.set_epoch(epoch)
+    return images
+
+
+def _load_teacher(cfg: StageConfig, device: torch.device):
+    """Frozen teacher of the same architecture: eval mode, no gradients, at its own stage's precision."""
+    if cfg.distill.teacher == "none":
+        return None
+    import bitmixer_core as core
+    from orchestrator.engine.checkpoint import model_from_payload, read_model_pt
+    from orchestrator.engine.subnets import set_stage_precision
+    payload = read_model_pt(cfg.distill.teacher_uri)
+    if payload.get("model_name") != cfg.model.name:
+        raise ValueError(f"the teacher {cfg.distill.teacher_uri!r} is a {payload.get('model_name')!r}, not a "
+                         f"{cfg.model.name!r}; distillation needs a teacher of the same architecture.")
+    teacher = model_from_payload(payload)
+    set_stage_precision(teacher, payload.get("stage", "fp32"))
+    core.set_bits(teacher, max(cfg.model.bits_activations))
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _crash_if_asked(cfg: StageConfig, epoch: int, rank: int, world_size: int) -> None:
+    """Fault injection for the fault-tolerance test: one rank exits hard after `crash_after_epoch`, once."""
+    debug = cfg.debug
+    if debug.crash_after_epoch is None or debug.crash_after_epoch != epoch:
+        return
+    if rank != (1 if world_size > 1 else 0) or not debug.crash_marker:
+        return
+    marker = Path(debug.crash_marker)
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"crashed after epoch {epoch}\n")
+    time.sleep(5.0)  # let Ray record the checkpoint just reported (it collects reports every ~2 s)
+    os._exit(1)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Entry point Ray Train runs on every worker; `loop_config` = {"stage": StageConfig JSON, "run_id": ...}."""
+    cfg = StageConfig.model_validate(loop_config["stage"])
+    use_gpu = cfg.scaling.use_gpu
+    # Before DeepSpeed is imported: its CPU accelerator, and a stable cache for the shm-comm build.
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", loop_config["torch_extensions_dir"])
+
+    import deepspeed
+    import ray.train
+    from ray.train import Checkpoint
+
+    import bitmixer_core as core
+    from orchestrator.data.loaders import build_loaders
+    from orchestrator.engine.checkpoint import MODEL_FILE, load_weights, save_model_pt
+    from orchestrator.engine.deepspeed_config import deepspeed_config
+    from orchestrator.engine.evaluation import evaluate_stage, per_bit_table
+    from orchestrator.engine.schedule import warmup_cosine
+    from orchestrator.engine.subnets import SubnetSampler, set_stage_precision
+    from orchestrator.tracking.stage_run import RunLogger
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = _device(use_gpu)
+    stage = cfg.policy.stage
+    bits = list(cfg.model.bits_activations)
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    net = cfg.model.build()
+    set_stage_precision(net, stage)
+
+    resume = ray.train.get_checkpoint()
+    if cfg.init_from and resume is None:
+        payload = load_weights(net, cfg.init_from, expect_model=cfg.model.name)
+        # Stage II (or any weight-quantized stage) after a stage with real-valued weights: the weights
+        # moved since construction, so their step sizes restart from them (LSQ init).
+        if payload.get("stage") in ("fp32", "one") and stage in ("two", "three", "fixed"):
+            core.reinitialize_weight_step_sizes(net)
+    net.to(device)
+
+    train_loader, val_loader = build_loaders(cfg.data, rank=rank, world_size=world_size, device=device,
+                                             distributed=world_size > 1)
+    steps_per_epoch = len(train_loader)
+    total_steps = steps_per_epoch * cfg.optim.epochs
+    warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+
+    if stage != "fp32" and resume is None and not _quantization_initialised(net):
+        core.calibrate_activation_step_sizes(net, _first_images(train_loader, 0))
+    _broadcast_from_rank0(net)
+
+    ds_config = deepspeed_config(cfg, world_size=world_size, use_gpu=use_gpu)
+    engine, _, _, _ = deepspeed.initialize(
+        model=net, model_parameters=[p for p in net.parameters() if p.requires_grad], config=ds_config,
+        lr_scheduler=lambda opt: warmup_cosine(opt, total_steps=total_steps, warmup_steps=warmup_steps,
+                                               lr_peak=cfg.optim.lr_peak, lr_final=cfg.optim.lr_final),
+        dist_init_required=False)
+    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+    teacher = _load_teacher(cfg, device)
+    sampler = SubnetSampler(engine.module, cfg.policy, cfg.model, cfg.seed)
+
+    start_epoch, resumed_from = 0, -1
+    if resume is not None:
+        with resume.as_directory() as folder:
+            _, client_state = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+        start_epoch = int(client_state["epoch"]) + 1
+        resumed_from = start_epoch
+    global_step = start_epoch * steps_per_epoch
+
+    logger = RunLogger(cfg.tracking.tracking_uri, loop_config["run_id"]) if rank == 0 else None
+    if logger and resumed_from >= 0:
+        logger.metrics({"resumed_at_epoch": resumed_from}, step=resumed_from)
+    accumulation = cfg.deepspeed.grad_accumulation
+    metrics: dict = {}
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        started = time.perf_counter()
+        train_loader.set_epoch(epoch)
+        engine.train()
+        loss_sum = torch.zeros(2, dtype=torch.float64)
+        for i, (images, labels) in enumerate(train_loader):
+            # One sub-net per optimizer step, the same on every rank.
+            sampler.apply(global_step, epoch + i / steps_per_epoch)
+            for part_images, part_labels in zip(images.chunk(accumulation), labels.chunk(accumulation)):
+                logits = engine(part_images.to(dtype))
+                teacher_logits = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(part_images).float()
+                loss = core.distillation_loss(logits.float(), teacher_logits, part_labels,
+                                              temperature=cfg.distill.temperature, weight=cfg.distill.weight)
+                engine.backward(loss)
+                engine.step()
+                loss_sum += torch.tensor([loss.item() * part_labels.numel(), part_labels.numel()],
+                                         dtype=torch.float64)
+            global_step += 1
+        if dist.is_initialized():
+            dist.all_reduce(loss_sum)  # the mean training loss over every rank's images
+        epoch_time = time.perf_counter() - started
+        metrics = {"epoch": epoch, "train_loss": float(loss_sum[0] / max(loss_sum[1], 1)),
+                   "lr": engine.get_lr()[0], "epoch_time_s": epoch_time, "global_step": global_step,
+                   "resumed_at_epoch": resumed_from, "subnet_draws": sampler.draws}
+        last = epoch == cfg.optim.epochs - 1
+        evaluated = last or (epoch + 1) % cfg.eval_every_epochs == 0
+        table = None
+        if evaluated:
+            metrics.update(evaluate_stage(engine.module, val_loader, stage=stage, bits=bits,
+                                          rand_seeds=cfg.rand_seeds, device=device, dtype=dtype))
+            table = per_bit_table(metrics, bits=bits, stage=stage, first_last=cfg.model.first_last,
+                                  bits_weights=list(cfg.model.bits_weights))
+        # Every rank's digest travels to rank 0's report so the driver can compare the draws.
+        digests = [None] * world_size
+        if dist.is_initialized():
+            dist.all_gather_object(digests, sampler.digest)
+        else:
+            digests = [sampler.digest]
+        metrics["subnet_digests"] = digests
+
+        folder = Path(tempfile.mkdtemp(prefix=f"bitmixer-{cfg.name}-e{epoch}-"))
+        try:
+            engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, client_state={"epoch": epoch},
+                                   save_latest=True)
+            if rank == 0:
+                model_pt = save_model_pt(folder / MODEL_FILE, net=engine.module, model_name=cfg.model.name,
+                                         build_kwargs=cfg.model.build_kwargs(), stage=stage, epoch=epoch,
+                                         metrics={k: v for k, v in metrics.items() if not isinstance(v, list)})
+                logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+                if table is not None:
+                    logger.table(table, f"results/per_bit_epoch{epoch:03d}.json")
+                if last:
+                    logger.table(table, "results/per_bit.json")
+                    logger.artifact(model_pt)
+                top = metrics.get(f"top1_b{max(bits)}", metrics.get("top1_fp32"))
+                top_text = f" top1@{'fp32' if stage == 'fp32' else f'{max(bits)}b'} {top:.2f}%" if top is not None else ""
+                print(f"[{cfg.name}] epoch {epoch + 1}/{cfg.optim.epochs} loss {metrics['train_loss']:.4f} "
+                      f"lr {metrics['lr']:.2e}{top_text} time {epoch_time:.1f}s", flush=True)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        _crash_if_asked(cfg, epoch, rank, world_size)

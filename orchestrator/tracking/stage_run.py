@@ -1,0 +1,129 @@
+"""The MLflow run of one stage.
+
+The driver opens it (experiment, nesting under the pipeline run, tags, the full resolved config as flattened
+params and as a YAML artifact) before any worker starts, and closes it with `bitmixer.status=FINISHED`;
+rank 0 logs into it through `RunLogger` (per-epoch metrics, per-bit tables, model.pt). Only MlflowClient is
+used, never the fluent global run, so nothing leaks between stages run in one process.
+"""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import yaml
+
+TAG_STAGE = "bitmixer.stage"
+TAG_ARCHITECTURE = "bitmixer.architecture"
+TAG_CONFIG_HASH = "bitmixer.config_hash"
+TAG_STATUS = "bitmixer.status"
+TAG_GIT_COMMIT = "bitmixer.git_commit"
+STATUS_RUNNING, STATUS_FINISHED, STATUS_FAILED = "RUNNING", "FINISHED", "FAILED"
+
+
+def _client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    """{"optim": {"lr_peak": 0.001}} -> {"optim.lr_peak": "0.001"} (lists kept as their JSON-ish repr)."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout the code runs from (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def experiment_id(tracking_uri: str, name: str) -> str:
+    """Get or create the experiment (two stages racing to create it: the loser reads the winner's)."""
+    client = _client(tracking_uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def open_stage_run(*, tracking_uri: str, experiment: str, run_name: str, parent_run_id: str | None,
+                   resolved_config: dict, tags: dict[str, str]) -> str:
+    """Create the stage's run, tag it, and record the resolved config; returns the run id."""
+    from mlflow.entities import Param
+    client = _client(tracking_uri)
+    all_tags = {TAG_STATUS: STATUS_RUNNING, **tags}
+    commit = git_commit()
+    if commit:
+        all_tags[TAG_GIT_COMMIT] = commit
+        all_tags["mlflow.source.git.commit"] = commit
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id(tracking_uri, experiment), tags=all_tags, run_name=run_name)
+    run_id = run.info.run_id
+    params = [Param(k, v[:6000]) for k, v in sorted(flatten(resolved_config).items())]
+    for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=params[start:start + 100])
+    client.log_text(run_id, yaml.safe_dump(resolved_config, sort_keys=False), "config/stage.yaml")
+    return run_id
+
+
+def close_stage_run(tracking_uri: str, run_id: str, *, succeeded: bool, final_metrics: dict | None = None) -> None:
+    """End the run; a FINISHED status tag is what the pipeline looks for to skip a stage already done."""
+    client = _client(tracking_uri)
+    if final_metrics:
+        for key, value in final_metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                client.log_metric(run_id, f"final_{key}", float(value))
+    client.set_tag(run_id, TAG_STATUS, STATUS_FINISHED if succeeded else STATUS_FAILED)
+    client.set_terminated(run_id, status="FINISHED" if succeeded else "FAILED")
+
+
+def find_finished_run(tracking_uri: str, experiment: str, config_hash: str) -> str | None:
+    """Run id of a FINISHED stage run with this config hash, or None."""
+    client = _client(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id],
+                              filter_string=f"tags.`{TAG_CONFIG_HASH}` = '{config_hash}' and "
+                                            f"tags.`{TAG_STATUS}` = '{STATUS_FINISHED}'",
+                              max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
+class RunLogger:
+    """What rank 0 logs into the stage's run."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.client, self.run_id = _client(tracking_uri), run_id
+
+    def metrics(self, values: dict, step: int) -> None:
+        from mlflow.entities import Metric
+        import time
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in values.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def table(self, columns: dict, artifact_file: str) -> None:
+        self.client.log_table(self.run_id, data=columns, artifact_file=artifact_file)
+
+    def artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
