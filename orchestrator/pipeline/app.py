@@ -1,0 +1,178 @@
+"""The whole pipeline, start to end: data, plan, MLflow pipeline run, Ray, the stage DAG, tables, summary.
+
+`pipelines/full_paper.py` only parses its arguments and calls `run_pipeline`. On a cluster (under
+`ray job submit`, or with RAY_ADDRESS set) it connects to the existing Ray; otherwise it starts a local
+Ray and stops it at the end.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.pipeline.config import PipelineConfig, dump_pipeline_config
+from orchestrator.pipeline.outcome import BLOCKED, FAILED, SKIPPED, StageOutcome, per_bit_top1
+from orchestrator.pipeline.paper_tables import Table, build_tables, render_markdown
+from orchestrator.pipeline.plan import Plan, build_plan
+
+TAG_PIPELINE = "bitmixer.pipeline"
+TAG_PIPELINE_HASH = "bitmixer.pipeline_hash"
+
+
+@dataclass
+class PipelineReport:
+    run_id: str
+    outcomes: dict[str, StageOutcome]
+    tables: list[Table]
+    tracking_uri: str
+    seconds: float
+
+    @property
+    def failed(self) -> list[StageOutcome]:
+        return [o for o in self.outcomes.values() if o.status in (FAILED, BLOCKED)]
+
+    def summary(self) -> str:
+        width = max(len(k) for k in self.outcomes)
+        lines = [f"Pipeline run {self.run_id}: {len(self.outcomes)} stages in {self.seconds:.0f} s "
+                 f"({sum(o.status == SKIPPED for o in self.outcomes.values())} found done, "
+                 f"{len(self.failed)} failed or blocked)"]
+        for key, o in self.outcomes.items():
+            why = o.error if o.error else o.detail
+            lines.append(f"  {key:<{width}}  {o.status:<8}  {why}")
+        return "\n".join(lines)
+
+
+def prepare_data(cfg: PipelineConfig, work_dir: Path) -> Path:
+    """The data folder: the embedded digits written under the work dir, or the configured path."""
+    if cfg.data.embedded == "digits":
+        from orchestrator.data.embedded import write_embedded_digits
+        return Path(write_embedded_digits(work_dir / "data" / "digits"))
+    return Path(cfg.data.path)
+
+
+def table_outcomes(plan: Plan, outcomes: dict[str, StageOutcome]) -> dict[tuple[str, str, str], dict]:
+    """Plan outcomes as the tables' (architecture, variant, stage) -> top-1 per bit key."""
+    result = {}
+    for key, outcome in outcomes.items():
+        node = plan.nodes[key]
+        if outcome.ok and node.stage in ("two", "three"):
+            result[(node.arch, node.variant, node.stage)] = per_bit_top1(outcome.metrics,
+                                                                         list(node.config.model.bits_activations))
+    return result
+
+
+def _experiment(client, name: str, tracking_uri: str, work_dir: Path) -> str:
+    """Create the experiment here, in the driver, before any stage or trial races to create it."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    # A sqlite store keeps artifacts next to itself (a server decides for itself: S3 with --serve-artifacts).
+    location = (work_dir / "mlartifacts").as_uri() if tracking_uri.startswith("sqlite:") else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def log_tables(client, run_id: str, tables: list[Table], work_dir: Path) -> None:
+    """Each table as log_table JSON (the MLflow UI's table view), Markdown and CSV on the pipeline run,
+    and the same files under <work_dir>/tables (written to a temp name, then renamed)."""
+    out = work_dir / "tables"
+    out.mkdir(parents=True, exist_ok=True)
+    for table in tables:
+        client.log_table(run_id, data=table.to_dict(), artifact_file=f"tables/{table.name}.json")
+        for suffix, text in (("md", table.to_markdown()), ("csv", table.to_csv())):
+            client.log_text(run_id, text, f"tables/{table.name}.{suffix}")
+            with tempfile.NamedTemporaryFile("w", dir=out, delete=False, suffix=".tmp") as tmp:
+                tmp.write(text)
+            os.replace(tmp.name, out / f"{table.name}.{suffix}")
+    client.log_text(run_id, render_markdown(tables), "tables/all_tables.md")
+
+
+def _connect_ray(env_vars: dict[str, str]) -> bool:
+    """Connect to the cluster of the job (or RAY_ADDRESS); else start a local Ray. True if we started it."""
+    import ray
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), runtime_env={"env_vars": env_vars})
+        return False
+    ray.init(runtime_env={"env_vars": env_vars}, include_dashboard=False)
+    return True
+
+
+def run_pipeline(cfg: PipelineConfig, *, log=print) -> PipelineReport:
+    """Run everything the config asks for; a failed stage is reported in the summary, not raised."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.engine.stage import torch_extensions_dir
+    from orchestrator.tracking.reachability import check_tracking_reachable
+    from orchestrator.tracking.config import TrackingConfig
+    from orchestrator.tracking.stage_run import flatten
+
+    started = time.monotonic()
+    work_dir = cfg.resolved_work_dir()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    tracking_uri = cfg.resolved_tracking_uri()
+    check_tracking_reachable(TrackingConfig(tracking_uri=tracking_uri, experiment=cfg.tracking.experiment))
+    data_path = prepare_data(cfg, work_dir)
+    plan = build_plan(cfg, data_path=data_path, tracking_uri=tracking_uri)
+    log(f"[pipeline] {cfg.name}: {len(plan.nodes)} stages for {', '.join(a.name for a in cfg.architectures)}; "
+        f"work dir {work_dir}; MLflow {tracking_uri}")
+
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment_id = _experiment(client, cfg.tracking.experiment, tracking_uri, work_dir)
+    resolved = cfg.model_dump(mode="json")
+    pipeline_hash = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
+    run = client.create_run(experiment_id, run_name=f"pipeline-{cfg.name}",
+                            tags={TAG_PIPELINE: cfg.name, TAG_PIPELINE_HASH: pipeline_hash})
+    run_id = run.info.run_id
+    succeeded = False
+    started_ray = False
+    try:
+        from mlflow.entities import Param
+        params = [Param(k, v[:6000]) for k, v in sorted(flatten(resolved).items())]
+        for i in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[i:i + 100])
+        client.log_text(run_id, dump_pipeline_config(cfg), "config/pipeline.yaml")
+
+        env_vars = {"MLFLOW_TRACKING_URI": tracking_uri, "TORCH_EXTENSIONS_DIR": torch_extensions_dir(),
+                    "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true")}
+        if not cfg.scaling.use_gpu and not (os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID")):
+            env_vars["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
+        started_ray = _connect_ray(env_vars)
+        from orchestrator.pipeline.runner import run_plan
+        outcomes = run_plan(plan, cfg, parent_run_id=run_id, env_vars=env_vars)
+
+        tables = build_tables(table_outcomes(plan, outcomes), architectures=[a.name for a in cfg.architectures],
+                              bit_keys=[str(b) for b in sorted(cfg.bits.activations, reverse=True)],
+                              ablation_arch=cfg.ablation_arch.name, ablations=cfg.ablations.model_dump(),
+                              main_teacher=cfg.distillation.teacher)
+        log_tables(client, run_id, tables, work_dir)
+        report = PipelineReport(run_id=run_id, outcomes=outcomes, tables=tables, tracking_uri=tracking_uri,
+                                seconds=time.monotonic() - started)
+        client.log_text(run_id, report.summary(), "summary.txt")
+        client.log_metric(run_id, "stages_failed", len(report.failed))
+        client.log_metric(run_id, "stages_skipped", sum(o.status == SKIPPED for o in outcomes.values()))
+        client.log_metric(run_id, "pipeline_seconds", report.seconds)
+        succeeded = not report.failed
+        return report
+    finally:
+        client.set_terminated(run_id, status="FINISHED" if succeeded else "FAILED")
+        if started_ray:
+            import ray
+            ray.shutdown()
+
+
+def ui_command(tracking_uri: str) -> str:
+    """How to open the results: a sqlite store needs `mlflow ui`; a server is already a UI."""
+    if tracking_uri.startswith("sqlite:"):
+        artifacts = Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+        return (f"mlflow ui --backend-store-uri {tracking_uri} --default-artifact-root {artifacts.as_uri()} "
+                f"--host 127.0.0.1 --port 5000   # then open http://127.0.0.1:5000")
+    return f"open {tracking_uri} in a browser"

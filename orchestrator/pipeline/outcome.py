@@ -1,0 +1,58 @@
+"""What one node of the pipeline ended as, and how a finished stage is found again in MLflow.
+
+A re-submitted pipeline asks MLflow, for each stage, for a FINISHED run tagged with the stage's config
+hash; if there is one the stage is `skipped` and its model is that run's model.pt. Models are handed
+between stages as `runs:/<run_id>/model.pt` URIs, so a stage on any node of a cluster can read its
+predecessor's model, and the URI (part of the next stage's config hash) is the same on every re-submission.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FINISHED, SKIPPED, FAILED, BLOCKED = "finished", "skipped", "failed", "blocked"
+MODEL_ARTIFACT = "model.pt"
+
+
+@dataclass
+class StageOutcome:
+    key: str                        # plan key "<arch>/<variant>/<stage>"
+    status: str                     # finished / skipped (found done in MLflow) / failed / blocked (upstream failed)
+    run_id: str | None = None
+    model_uri: str | None = None
+    metrics: dict = field(default_factory=dict)
+    config_hash: str | None = None
+    error: str | None = None        # one line: why it failed, or which upstream stage blocked it
+    detail: str = ""                # e.g. the sweep's trials, "resumed at epoch 3"
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (FINISHED, SKIPPED)
+
+
+def model_uri(run_id: str) -> str:
+    return f"runs:/{run_id}/{MODEL_ARTIFACT}"
+
+
+def per_bit_top1(metrics: dict, bits: list[int]) -> dict[str, float]:
+    """The engine's flat metrics (top1_b4, rand_top1_mean, ...) as the tables' bit keys ("4", "rand")."""
+    out = {str(b): float(metrics[f"top1_b{b}"]) for b in bits if f"top1_b{b}" in metrics}
+    if "rand_top1_mean" in metrics:
+        out["rand"] = float(metrics["rand_top1_mean"])
+    return out
+
+
+def finished_outcome(key: str, tracking_uri: str, experiment: str, digest: str) -> StageOutcome | None:
+    """The outcome of an earlier FINISHED run of this exact stage config, or None."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking.stage_run import find_finished_run
+
+    run_id = find_finished_run(tracking_uri, experiment, digest)
+    if run_id is None:
+        return None
+    run = MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
+    # close_stage_run logs the last evaluation as final_<name>; per-epoch metrics keep their names.
+    metrics = dict(run.data.metrics)
+    metrics.update({k.removeprefix("final_"): v for k, v in run.data.metrics.items() if k.startswith("final_")})
+    return StageOutcome(key=key, status=SKIPPED, run_id=run_id, model_uri=model_uri(run_id), metrics=metrics,
+                        config_hash=digest, detail=f"found FINISHED in MLflow (run {run_id[:8]})")

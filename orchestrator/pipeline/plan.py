@@ -1,0 +1,206 @@
+"""From a PipelineConfig to the graph of stages to run: one `StageNode` per training stage.
+
+A node says what to train (a full engine `StageConfig`), whose model it starts from (`init_after`) and
+whose model teaches it (`teacher_after`); the runner fills `init_from` / `distill.teacher_uri` from those
+nodes' results when they are done. Building the plan builds every StageConfig, so a combination the engine
+refuses (a batch that does not split over the workers, a fixed bit-width outside the bit set) is reported
+before Ray starts.
+
+Chains ("variants") per architecture, in the paper's words:
+  main                  [zero,] one -> two -> three (three = the Tune sweep when enabled; zero = FP32 teacher)
+  independent_<b>       one network at fixed b bits, from main's Stage I, as long as Stage II (Table 7)
+  no_transitional_bn    its own one -> two -> three with one shared BN (Table 1)
+  teacher_<t>           two -> three from main's Stage I with another teacher (Table 2)
+  bits_4321             its own one -> two with bit set {1,2,3,4} (Table 3; Stage III did not converge)
+  ternary_binary        its own one -> two -> three, activations {2,3,4} / weights {1,3,4} (Table 4)
+  asymmetric[_round]    its own one -> two with the quantizer variant (Table 5)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from orchestrator.engine.config import (DeepSpeedConfig, DistillConfig, ModelConfig, OptimConfig, PolicyConfig,
+                                        ScalingConfig, StageConfig)
+from orchestrator.pipeline.config import (ArchitectureSpec, PipelineConfig, PipelineConfigError, StageSpec,
+                                          StageThreeSpec, format_location)
+from orchestrator.tracking.config import TrackingConfig
+
+STAGE_POLICY = {"zero": "fp32", "one": "one", "two": "two", "three": "three"}
+
+
+@dataclass(frozen=True)
+class StageNode:
+    key: str                       # "<arch>/<variant>/<stage>", unique in the plan
+    arch: str
+    variant: str
+    stage: str                     # zero / one / two / three (the fixed-bit baselines are "two")
+    config: StageConfig            # init_from / teacher_uri are filled in by the runner
+    init_after: str | None = None  # key of the node whose model this one starts from
+    teacher_after: str | None = None
+    sweep: bool = False            # Stage III of the main chain run as a Ray Tune sweep
+
+
+@dataclass
+class Plan:
+    nodes: dict[str, StageNode] = field(default_factory=dict)
+
+    def add(self, node: StageNode) -> None:
+        self.nodes[node.key] = node
+
+    def upstream(self, node: StageNode) -> list[str]:
+        return [k for k in (node.init_after, node.teacher_after) if k is not None]
+
+    def order(self) -> list[StageNode]:
+        """Nodes with every dependency before them (insertion order already is; checked here)."""
+        seen: set[str] = set()
+        for node in self.nodes.values():
+            missing = [k for k in self.upstream(node) if k not in seen]
+            assert not missing, f"{node.key} listed before {missing}"
+            seen.add(node.key)
+        return list(self.nodes.values())
+
+
+def _key(arch: str, variant: str, stage: str) -> str:
+    return f"{arch}/{variant}/{stage}"
+
+
+class _Builder:
+    def __init__(self, cfg: PipelineConfig, data_path: str, experiment: str, tracking_uri: str):
+        self.cfg, self.plan = cfg, Plan()
+        self.data = cfg.data.loader_config(data_path)
+        self.tracking = TrackingConfig(tracking_uri=tracking_uri, experiment=experiment)
+        self.storage = cfg.resolved_storage_path()
+
+    def model(self, arch: ArchitectureSpec, *, bits: tuple[list[int], list[int]] | None = None,
+              **overrides) -> ModelConfig:
+        weights, activations = bits or (self.cfg.bits.weights, self.cfg.bits.activations)
+        options = dict(name=arch.name, num_classes=self.cfg.data.num_classes, bits_weights=list(weights),
+                       bits_activations=list(activations), stem=arch.stem, first_last=arch.first_last,
+                       bn=arch.bn, rounding=arch.quantizer.rounding, symmetric=arch.quantizer.symmetric,
+                       nesting=arch.quantizer.nesting)
+        return ModelConfig(**{**options, **overrides})
+
+    def stage_config(self, *, name: str, model: ModelConfig, spec: StageSpec, policy: PolicyConfig,
+                     teacher: bool) -> StageConfig:
+        d = self.cfg.distillation
+        return StageConfig(
+            name=name, model=model, data=self.data,
+            optim=OptimConfig(lr_peak=spec.lr, weight_decay=spec.weight_decay, epochs=spec.epochs,
+                              warmup_epochs=spec.warmup_epochs),
+            policy=policy,
+            # teacher_uri is a placeholder until the teacher's stage is done (the runner replaces it).
+            distill=DistillConfig(teacher="path", teacher_uri="pending", temperature=d.temperature,
+                                  weight=d.weight) if teacher else DistillConfig(),
+            deepspeed=DeepSpeedConfig(zero_stage=min(self.cfg.scaling.zero_stage, 2)),
+            scaling=ScalingConfig(num_workers=self.cfg.scaling.num_workers, use_gpu=self.cfg.scaling.use_gpu,
+                                  cpus_per_worker=self.cfg.scaling.cpus_per_worker),
+            tracking=self.tracking.model_copy(update={"run_name": name}),
+            eval_every_epochs=spec.eval_every, seed=self.cfg.seed, storage_path=self.storage,
+            max_failures=self.cfg.scaling.max_failures)
+
+    def chain(self, arch: ArchitectureSpec, variant: str, stages: list[str], *, model: ModelConfig,
+              teacher: str, start_after: str | None = None) -> None:
+        """Add `stages` of one chain. The FP32 network (zero) is only a teacher: Stage I starts from scratch in
+        every chain, so that chains whose layers differ (shared BN, other bit sets) compare fairly."""
+        previous = start_after
+        for stage in stages:
+            spec: StageSpec = getattr(arch.stages, stage)
+            policy = PolicyConfig(stage=STAGE_POLICY[stage])
+            if isinstance(spec, StageThreeSpec):
+                policy = PolicyConfig(stage="three", k=spec.k, ramp_epochs=spec.ramp_epochs,
+                                      ramp_shape=spec.ramp_shape, granularity=spec.granularity)
+            teacher_key = self.teacher_key(arch, variant, teacher) if stage in ("two", "three") else None
+            key = _key(arch.name, variant, stage)
+            self.plan.add(StageNode(
+                key=key, arch=arch.name, variant=variant, stage=stage,
+                config=self.stage_config(name=f"{arch.name}-{variant}-{stage}", model=model, spec=spec,
+                                         policy=policy, teacher=teacher_key is not None),
+                init_after=None if stage in ("zero", "one") else previous, teacher_after=teacher_key,
+                sweep=(variant == "main" and stage == "three" and self.cfg.sweep.enabled)))
+            previous = key
+
+    def teacher_key(self, arch: ArchitectureSpec, variant: str, teacher: str) -> str | None:
+        if teacher == "fp32":
+            return _key(arch.name, "main", "zero")
+        if teacher == "stage_one":
+            own = _key(arch.name, variant, "one")
+            return own if own in self.plan.nodes else _key(arch.name, "main", "one")
+        return None
+
+    def build(self) -> Plan:
+        cfg = self.cfg
+        for arch in cfg.architectures:
+            stages = [s for s in ("zero", "one", "two", "three") if getattr(arch.stages, s).enabled]
+            self.chain(arch, "main", stages, model=self.model(arch), teacher=cfg.distillation.teacher)
+        if cfg.ablations.any:
+            stages = cfg.ablation_arch.stages
+            self.ablations([s for s in ("one", "two", "three") if getattr(stages, s).enabled])
+        self.independent()  # last: a 1-bit network starts from the 4-3-2-1 chain's Stage I
+        return self.plan
+
+    def independent(self) -> None:
+        spec = self.cfg.baselines.independent
+        if not spec.enabled:
+            return
+        bits = spec.bits or sorted(self.cfg.bits.activations, reverse=True)
+        if spec.bits is None and self.cfg.ablations.bits_4321:
+            bits = sorted(set(bits) | {1}, reverse=True)  # Table 3 compares against a 1-bit network too
+        for arch in self.cfg.architectures:
+            if spec.architectures is not None and arch.name not in spec.architectures:
+                continue
+            for b in bits:
+                # A bit-width outside the main bit set (1 for Table 3) starts from the 4-3-2-1 Stage I.
+                source = "main" if b in self.cfg.bits.activations else "bits_4321"
+                model = self.model(arch) if source == "main" else self.model(arch, bits=([1, 2, 3, 4],) * 2)
+                name = f"{arch.name}-independent_{b}"
+                self.plan.add(StageNode(
+                    key=_key(arch.name, f"independent_{b}", "two"), arch=arch.name, variant=f"independent_{b}",
+                    stage="two", config=self.stage_config(name=name, model=model, spec=arch.stages.two,
+                                                          policy=PolicyConfig(stage="fixed", fixed_bits=b),
+                                                          teacher=False),
+                    init_after=_key(arch.name, source, "one")))
+
+    def ablations(self, quantized: list[str]) -> None:
+        a, arch = self.cfg.ablations, self.cfg.ablation_arch
+        teacher = self.cfg.distillation.teacher
+        upto_two = [s for s in quantized if s != "three"]
+        if a.bits_4321:
+            self.chain(arch, "bits_4321", upto_two, model=self.model(arch, bits=([1, 2, 3, 4],) * 2),
+                       teacher=teacher)
+        if a.no_transitional_bn:
+            self.chain(arch, "no_transitional_bn", quantized, model=self.model(arch, bn="shared"), teacher=teacher)
+        if a.teachers:
+            for other in ("none", "stage_one", "fp32"):
+                if other != teacher:
+                    self.chain(arch, f"teacher_{other}", [s for s in quantized if s != "one"],
+                               model=self.model(arch), teacher=other, start_after=_key(arch.name, "main", "one"))
+        if a.ternary_binary:
+            self.chain(arch, "ternary_binary", quantized, model=self.model(arch, bits=([1, 3, 4], [2, 3, 4])),
+                       teacher=teacher)
+        if a.quantizers:
+            self.chain(arch, "asymmetric", upto_two, model=self.model(arch, symmetric=False), teacher=teacher)
+            self.chain(arch, "asymmetric_round", upto_two,
+                       model=self.model(arch, symmetric=False, rounding="round"), teacher=teacher)
+
+
+def build_plan(cfg: PipelineConfig, *, data_path: str | Path, tracking_uri: str | None = None) -> Plan:
+    """Every stage of the pipeline as engine StageConfigs; an inconsistency the engine's config refuses is
+    reported as a PipelineConfigError naming the stage, before anything runs."""
+    builder = _Builder(cfg, str(data_path), cfg.tracking.experiment, tracking_uri or cfg.resolved_tracking_uri())
+    try:
+        plan = builder.build()
+    except ValidationError as exc:
+        errors = "; ".join(f"{format_location(tuple(e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
+                           for e in exc.errors(include_url=False))
+        raise PipelineConfigError(f"the pipeline config yields a stage the engine refuses ({errors}); "
+                                  f"change the config so that this holds") from None
+    for node in plan.nodes.values():
+        for dep in plan.upstream(node):
+            if dep not in plan.nodes:
+                raise PipelineConfigError(f"stage {node.key} needs {dep}, which the config does not run; "
+                                          f"enable that stage")
+    plan.order()
+    return plan

@@ -1,0 +1,103 @@
+"""The stage DAG on Ray: each stage is a driver task whose inputs are its predecessors' outcomes.
+
+For every node of the plan one `@ray.remote(num_cpus=0)` task is submitted with the ObjectRefs of the
+stages it starts from (and learns from) as arguments, so Ray starts it when they are done, and chains
+that do not depend on each other (other architectures, baselines, ablations) run concurrently as far as
+the cluster has room for their Train workers. The driver tasks hold no CPU: they only wait on their
+TorchTrainer, whose workers hold the resources.
+
+A task never raises: a failed stage returns a `failed` outcome with its error, and every stage after it in
+the same chain returns `blocked`, naming it, without running; other chains go on. A stage whose config
+hash already has a FINISHED run in MLflow is `skipped` and hands on that run's model; an unfinished one
+is re-run under the same Ray run name, so Ray Train resumes it from its last checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import traceback
+
+from orchestrator.engine.config import StageConfig, config_hash
+from orchestrator.pipeline.config import PipelineConfig
+from orchestrator.pipeline.outcome import (BLOCKED, FAILED, FINISHED, StageOutcome, finished_outcome,
+                                           model_uri)
+from orchestrator.pipeline.plan import Plan, StageNode
+
+
+def resolve_stage_config(node: StageNode, upstream: dict[str, StageOutcome], parent_run_id: str | None) -> StageConfig:
+    """The node's StageConfig with its predecessors' models filled in (what its config hash covers)."""
+    update: dict = {"tracking": node.config.tracking.model_copy(update={"parent_run_id": parent_run_id})}
+    if node.init_after:
+        update["init_from"] = upstream[node.init_after].model_uri
+    if node.teacher_after:
+        update["distill"] = node.config.distill.model_copy(
+            update={"teacher": "path", "teacher_uri": upstream[node.teacher_after].model_uri})
+    return node.config.model_copy(update=update)
+
+
+def execute_node(node: StageNode, upstream: list[StageOutcome], *, parent_run_id: str | None,
+                 pipeline: PipelineConfig) -> StageOutcome:
+    """Run one node (or find it done); never raises."""
+    by_key = {o.key: o for o in upstream}
+    broken = [o for o in upstream if not o.ok]
+    if broken:
+        first = broken[0]
+        cause = first.key if first.status == FAILED else first.error.removeprefix("not run: ").removesuffix(" failed")
+        return StageOutcome(key=node.key, status=BLOCKED, error=f"not run: {cause} failed")
+    try:
+        cfg = resolve_stage_config(node, by_key, parent_run_id)
+        os.environ.setdefault("MLFLOW_TRACKING_URI", cfg.tracking.tracking_uri)
+        if node.sweep:
+            from orchestrator.pipeline.sweep import register_final_model, run_sweep
+            outcome = run_sweep(cfg, pipeline.sweep, trial_cpus=pipeline.scaling.trial_cpus,
+                                storage_path=cfg.storage_path, key=node.key, parent_run_id=parent_run_id)
+        else:
+            digest = config_hash(cfg)
+            outcome = finished_outcome(node.key, cfg.tracking.tracking_uri, cfg.tracking.experiment, digest)
+            if outcome is None:
+                from orchestrator.engine.stage import run_stage
+                result = run_stage(cfg)
+                resumed = result.metrics.get("resumed_at_epoch", -1)
+                outcome = StageOutcome(key=node.key, status=FINISHED, run_id=result.mlflow_run_id,
+                                       model_uri=model_uri(result.mlflow_run_id), metrics=result.metrics,
+                                       config_hash=digest,
+                                       detail=f"resumed at epoch {resumed}" if resumed is not None and resumed >= 0 else "")
+        if node.variant == "main" and node.stage == "three" and pipeline.tracking.register_models:
+            from orchestrator.pipeline.sweep import register_final_model
+            name = f"{pipeline.tracking.registered_model_prefix}-{pipeline.name}-{node.arch}"
+            version = register_final_model(cfg.tracking.tracking_uri, name, outcome.run_id)
+            outcome.detail = f"{outcome.detail}; registered as {name} v{version}".lstrip("; ")
+        return outcome
+    except Exception as err:  # the summary reports it; later stages of this chain are blocked
+        message = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        print(f"[pipeline] stage {node.key} failed:\n{traceback.format_exc()}", flush=True)
+        return StageOutcome(key=node.key, status=FAILED, error=message)
+
+
+def run_plan(plan: Plan, pipeline: PipelineConfig, *, parent_run_id: str | None,
+             env_vars: dict[str, str] | None = None) -> dict[str, StageOutcome]:
+    """Submit every node as a Ray task wired to its predecessors; wait for all; return their outcomes."""
+    import ray
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def stage_task(node: StageNode, *upstream: StageOutcome) -> StageOutcome:
+        return execute_node(node, list(upstream), parent_run_id=parent_run_id, pipeline=pipeline)
+
+    options = {"runtime_env": {"env_vars": env_vars}} if env_vars else {}
+    refs = {}
+    for node in plan.order():
+        deps = [refs[k] for k in plan.upstream(node)]
+        refs[node.key] = stage_task.options(name=f"stage:{node.key}", **options).remote(node, *deps)
+    outcomes: dict[str, StageOutcome] = {}
+    pending = {ref: key for key, ref in refs.items()}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        key = pending.pop(done[0])
+        try:
+            outcome = ray.get(done[0])
+        except Exception as err:  # the task itself died (its node was lost, ...)
+            outcome = StageOutcome(key=key, status=FAILED, error=f"{type(err).__name__}: {err}".splitlines()[0])
+        outcomes[key] = outcome
+        print(f"[pipeline] {key}: {outcome.status}"
+              + (f" - {outcome.error}" if outcome.error else f" ({outcome.detail})" if outcome.detail else ""),
+              flush=True)
+    return {key: outcomes[key] for key in refs}

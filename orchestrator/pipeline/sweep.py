@@ -1,0 +1,195 @@
+"""Ray Tune over Stage III: k and the sigma schedule (ramp length, ramp shape), every trial starting from the
+same Stage II model.
+
+Ray Train V2 refuses `Tuner(TorchTrainer)`; the supported form is a function trainable that builds and fits
+the TorchTrainer itself, which `run_stage` does. The trial runs the stage in a thread and reports the
+stage's evaluations to Tune as they appear in MLflow, so ASHA (optional) can stop a weak trial early.
+Each trial is an MLflow run nested under the sweep's run; a trial whose exact config already FINISHED is
+not trained again. The best trial is the architecture's final model and is registered in the MLflow
+model registry.
+"""
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+
+from orchestrator.engine.config import StageConfig, config_hash
+from orchestrator.pipeline.config import SweepSpec
+from orchestrator.pipeline.outcome import FINISHED, StageOutcome, finished_outcome, model_uri
+
+TAG_SWEEP = "bitmixer.sweep_of"
+
+
+def objective(metrics: dict, bits: list[int], name: str) -> float | None:
+    """The sweep's score of one evaluation (None when the evaluation is not in `metrics`)."""
+    per_bit = [metrics.get(f"top1_b{b}") for b in bits]
+    rand = metrics.get("rand_top1_mean")
+    if name == "rand":
+        return rand
+    if name == "lowest_bit":
+        return per_bit[bits.index(min(bits))]
+    if rand is None or None in per_bit:
+        return None
+    return statistics.fmean([*per_bit, rand])  # mean_bits_and_rand: the paper's whole per-bit row
+
+
+def trial_config(base: StageConfig, k: float, ramp_epochs: int, ramp_shape: str, parent_run_id: str) -> StageConfig:
+    name = f"{base.name}-k{k:.3g}-ramp{ramp_epochs}-{ramp_shape}"
+    return base.model_copy(update={
+        "name": name,
+        "policy": base.policy.model_copy(update={"k": k, "ramp_epochs": ramp_epochs, "ramp_shape": ramp_shape}),
+        "tracking": base.tracking.model_copy(update={"parent_run_id": parent_run_id, "run_name": name}),
+    })
+
+
+def _running_run_id(cfg: StageConfig, digest: str) -> str | None:
+    """The run that run_stage opened for this config (it tags it with the config hash)."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking.stage_run import TAG_CONFIG_HASH, TAG_STATUS
+    client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+                              filter_string=f"tags.`{TAG_CONFIG_HASH}` = '{digest}' and tags.`{TAG_STATUS}` = 'RUNNING'")
+    return runs[0].info.run_id if runs else None
+
+
+def _evaluations(cfg: StageConfig, run_id: str, bits: list[int], name: str) -> dict[int, float]:
+    """epoch -> objective, for every evaluation the stage has logged so far."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
+    by_epoch: dict[int, dict] = {}
+    for key in [*(f"top1_b{b}" for b in bits), "rand_top1_mean"]:
+        for m in client.get_metric_history(run_id, key):
+            by_epoch.setdefault(m.step, {})[key] = m.value
+    scores = {epoch: objective(values, bits, name) for epoch, values in by_epoch.items()}
+    return {epoch: s for epoch, s in scores.items() if s is not None}
+
+
+def _trial(config: dict) -> None:
+    """The Tune function trainable: one Stage III run at (k, ramp_epochs, ramp_shape)."""
+    from ray import tune
+
+    from orchestrator.engine.stage import run_stage
+
+    base = StageConfig.model_validate(config["stage"])
+    cfg = trial_config(base, config["k"], config["ramp_epochs"], config["ramp_shape"], config["sweep_run_id"])
+    bits, name = list(cfg.model.bits_activations), config["objective"]
+    digest = config_hash(cfg)
+    done = finished_outcome(cfg.name, cfg.tracking.tracking_uri, cfg.tracking.experiment, digest)
+    if done is not None:
+        tune.report({"objective": objective(done.metrics, bits, name) or 0.0, "epoch": cfg.optim.epochs,
+                     "run_id": done.run_id, "skipped": True, "done": True})
+        return
+
+    box: dict = {}
+
+    def fit() -> None:
+        try:
+            box["result"] = run_stage(cfg)
+        except BaseException as err:  # re-raised in the trial's own thread below
+            box["error"] = err
+
+    worker = threading.Thread(target=fit, name=f"stage-{cfg.name}", daemon=True)
+    worker.start()
+    reported, run_id = set(), None
+    while worker.is_alive():
+        worker.join(timeout=5.0)
+        run_id = run_id or _running_run_id(cfg, digest)
+        if run_id is None or not worker.is_alive():
+            continue
+        # Intermediate evaluations let ASHA compare trials at the same epoch.
+        for epoch, score in sorted(_evaluations(cfg, run_id, bits, name).items()):
+            if epoch not in reported and epoch < cfg.optim.epochs - 1:
+                reported.add(epoch)
+                tune.report({"objective": score, "epoch": epoch + 1, "run_id": run_id, "skipped": False,
+                             "done": False})
+    if "error" in box:
+        raise box["error"]
+    result = box["result"]
+    tune.report({"objective": objective(result.metrics, bits, name) or 0.0, "epoch": cfg.optim.epochs,
+                 "run_id": result.mlflow_run_id, "skipped": False, "done": True})
+
+
+def _sweep_run(base: StageConfig, parent_run_id: str | None, sweep_key: str) -> str:
+    """The MLflow run the trials nest under; a re-submission reuses the earlier one of the same sweep."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking.stage_run import experiment_id
+    client = MlflowClient(tracking_uri=base.tracking.tracking_uri)
+    exp = experiment_id(base.tracking.tracking_uri, base.tracking.experiment)
+    found = client.search_runs([exp], filter_string=f"tags.`{TAG_SWEEP}` = '{sweep_key}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    tags = {TAG_SWEEP: sweep_key}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp, tags=tags, run_name=f"{base.name}-sweep")
+    return run.info.run_id
+
+
+def run_sweep(base: StageConfig, spec: SweepSpec, *, trial_cpus: float, storage_path: str, key: str,
+              parent_run_id: str | None) -> StageOutcome:
+    """Run the Stage III sweep for one architecture; the outcome is the best trial's."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    sweep_key = config_hash(base)  # the base's hash covers everything but the swept values
+    sweep_run_id = _sweep_run(base, parent_run_id, sweep_key)
+    param_space = {
+        "k": tune.grid_search(spec.k), "ramp_epochs": tune.grid_search(spec.ramp_epochs),
+        "ramp_shape": tune.grid_search(spec.ramp_shape),
+        "stage": base.model_dump(mode="json"), "sweep_run_id": sweep_run_id, "objective": spec.objective,
+    }
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=base.optim.epochs, grace_period=spec.grace_period)
+                 if spec.asha else None)
+    tuner = tune.Tuner(
+        tune.with_resources(_trial, {"CPU": trial_cpus}),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(metric="objective", mode="max", num_samples=spec.num_samples,
+                                    scheduler=scheduler, max_concurrent_trials=spec.max_concurrent_trials),
+        run_config=tune.RunConfig(name=f"{base.name}-sweep-{sweep_key[:12]}", storage_path=storage_path,
+                                  verbose=0),
+    )
+    grid = tuner.fit()
+    trials = []
+    for result in grid:
+        if result.error is None and result.metrics and result.metrics.get("done"):
+            trials.append(result)
+    errors = [str(r.error).splitlines()[0] for r in grid if r.error is not None]
+    if not trials:
+        raise RuntimeError(f"every trial of the Stage III sweep failed: {'; '.join(errors) or 'no result'}")
+    best = max(trials, key=lambda r: r.metrics["objective"])
+    run_id = best.metrics["run_id"]
+    client = MlflowClient(tracking_uri=base.tracking.tracking_uri)
+    run = client.get_run(run_id)
+    metrics = {k.removeprefix("final_"): v for k, v in run.data.metrics.items()}
+    client.log_metric(sweep_run_id, "best_objective", float(best.metrics["objective"]))
+    for name in ("k", "ramp_epochs", "ramp_shape"):
+        client.set_tag(sweep_run_id, f"best_{name}", str(best.config[name]))
+    client.set_tag(sweep_run_id, "best_run_id", run_id)
+    client.set_terminated(sweep_run_id, status="FINISHED")
+    skipped = sum(bool(r.metrics.get("skipped")) for r in trials)
+    detail = (f"sweep of {len(trials)} trial(s) ({skipped} found done), best k={best.config['k']:.3g} "
+              f"ramp={best.config['ramp_epochs']} {best.config['ramp_shape']} "
+              f"objective={best.metrics['objective']:.2f}" + (f"; failed: {'; '.join(errors)}" if errors else ""))
+    status = FINISHED
+    return StageOutcome(key=key, status=status, run_id=run_id, model_uri=model_uri(run_id), metrics=metrics,
+                        config_hash=config_hash(base), detail=detail)
+
+
+def register_final_model(tracking_uri: str, name: str, run_id: str) -> str:
+    """Register the run's model.pt as a version of `name` (once per run); returns the version."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        client.get_registered_model(name)
+    except Exception:
+        client.create_registered_model(name, description="Bit-Mixer meta-network (best Stage III trial)")
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if version.run_id == run_id:
+            return version.version
+    source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/model.pt"
+    return client.create_model_version(name, source=source, run_id=run_id).version

@@ -1,0 +1,75 @@
+"""The plan: which stages run, what each starts from and learns from, and which engine settings they get."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.pipeline.config import PipelineConfigError, load_pipeline_config, parse_pipeline_config
+from orchestrator.pipeline.plan import build_plan
+
+CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
+
+
+def _plan(name: str):
+    return build_plan(load_pipeline_config(CONFIGS / f"{name}.yaml"), data_path="/data", tracking_uri="sqlite:////tmp/x.db")
+
+
+def test_embedded_plan_chains_each_architecture():
+    """Each architecture runs I -> II -> III (III swept), the Independent networks start from Stage I at one
+    fixed bit-width for as long as Stage II, and the Table 1 ablation has its own chain with one shared BN."""
+    plan = _plan("embedded")
+    for arch in ("resnet_tiny", "ebn_tiny"):
+        one, two, three = (plan.nodes[f"{arch}/main/{s}"] for s in ("one", "two", "three"))
+        assert (one.init_after, two.init_after, three.init_after) == (None, one.key, two.key)
+        assert [n.config.policy.stage for n in (one, two, three)] == ["one", "two", "three"]
+        assert three.sweep and not two.sweep
+    for b in (4, 3, 2):
+        node = plan.nodes[f"resnet_tiny/independent_{b}/two"]
+        assert node.init_after == "resnet_tiny/main/one"
+        assert (node.config.policy.stage, node.config.policy.fixed_bits) == ("fixed", b)
+        assert node.config.optim.epochs == plan.nodes["resnet_tiny/main/two"].config.optim.epochs
+    assert "ebn_tiny/independent_4/two" not in plan.nodes  # the preset limits it to resnet_tiny
+    no_tbn = [n for n in plan.nodes.values() if n.variant == "no_transitional_bn"]
+    assert [n.stage for n in no_tbn] == ["one", "two", "three"]
+    assert {n.config.model.bn for n in no_tbn} == {"shared"} and not any(n.sweep for n in no_tbn)
+    assert plan.nodes["resnet_tiny/main/one"].config.model.bn == "transitional"
+
+
+def test_fp32_teacher_wiring_and_table2_variants():
+    """With the FP32 teacher, Stages II and III learn from stage zero; Table 2's other teachers branch from
+    main's Stage I, the 'Stage I' teacher being that very network."""
+    plan = _plan("table2_distillation")
+    assert plan.nodes["resnet18/main/zero"].config.policy.stage == "fp32"
+    assert plan.nodes["resnet18/main/one"].teacher_after is None
+    for stage in ("two", "three"):
+        assert plan.nodes[f"resnet18/main/{stage}"].teacher_after == "resnet18/main/zero"
+        assert plan.nodes[f"resnet18/teacher_none/{stage}"].teacher_after is None
+        assert plan.nodes[f"resnet18/teacher_stage_one/{stage}"].teacher_after == "resnet18/main/one"
+        assert plan.nodes[f"resnet18/main/{stage}"].config.distill.teacher == "path"
+    assert plan.nodes["resnet18/teacher_none/two"].init_after == "resnet18/main/one"
+    assert plan.nodes["resnet18/teacher_none/two"].config.distill.teacher == "none"
+
+
+def test_bit_set_ablations_build_their_own_networks():
+    """Table 3's chain uses bits {1,2,3,4} through Stage II only and its 1-bit Independent network starts from
+    that chain; Table 4 pairs activations {2,3,4} with weights {1,3,4}; Table 5 changes the quantizer."""
+    plan = _plan("table3_bits_4321")
+    assert [n.stage for n in plan.nodes.values() if n.variant == "bits_4321"] == ["one", "two"]
+    assert plan.nodes["resnet18/bits_4321/one"].config.model.bits_activations == [1, 2, 3, 4]
+    assert plan.nodes["resnet18/independent_1/two"].init_after == "resnet18/bits_4321/one"
+    model = _plan("table4_ternary_binary").nodes["resnet18/ternary_binary/three"].config.model
+    assert (model.bits_weights, model.bits_activations) == ([1, 3, 4], [2, 3, 4])
+    t5 = _plan("table5_quantizers").nodes
+    assert (t5["resnet18/asymmetric/two"].config.model.symmetric, t5["resnet18/asymmetric/two"].config.model.rounding) == (False, "floor")
+    assert (t5["resnet18/asymmetric_round/two"].config.model.symmetric, t5["resnet18/asymmetric_round/two"].config.model.rounding) == (False, "round")
+
+
+def test_engine_refusal_is_reported_before_anything_runs():
+    """A combination the engine's StageConfig refuses (a global batch that does not split over the
+    workers) must be a PipelineConfigError at plan time, saying what must hold."""
+    raw = yaml.safe_load((CONFIGS / "embedded.yaml").read_text())
+    raw["data"]["batch_size"] = 127
+    with pytest.raises(PipelineConfigError, match="must be divisible by scaling.num_workers"):
+        build_plan(parse_pipeline_config(raw), data_path="/data", tracking_uri="sqlite:////tmp/x.db")
