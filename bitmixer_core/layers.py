@@ -59,13 +59,15 @@ class QuantizedLayerMixin:
     @torch.no_grad()
     def _initialise_activation_step(self, x: torch.Tensor) -> None:
         i, bits = self._bit_index, self.bits
-        if self.quantizer.nesting == "clip":  # only the largest bit-width's alpha is used (Eq. 3-4)
+        if self.quantizer.nesting == "clip":  # Eq. 3-4 use the largest bit-width's alpha only
             i, bits = len(self.bit_widths) - 1, self.bit_widths.max_bits
         if self._calibrating or not bool(self.activation_step_initialized[i]):
             self.activation_step_size[i] = initial_step_size(x, bits).clamp_min(1e-8)
-            self.activation_step_initialized[i] = True
-        used = self.activation_step_initialized[-1:] if self.quantizer.nesting == "clip" else self.activation_step_initialized
-        self._activation_steps_ready = bool(used.all())
+            if self.quantizer.nesting == "clip":
+                self.activation_step_initialized.fill_(True)  # the other entries are never used
+            else:
+                self.activation_step_initialized[i] = True
+        self._activation_steps_ready = bool(self.activation_step_initialized.all())
 
     # -- quantization ----------------------------------------------------------------------------
     def _quantize(self, x: torch.Tensor, steps: torch.Tensor, bit_set: tuple[int, ...], numel: int) -> torch.Tensor:

@@ -87,3 +87,16 @@ def test_reinitialize_weight_step_sizes_follows_current_weights():
         layer.weight.mul_(10)
     reinitialize_weight_step_sizes(layer)
     assert layer.weight_step_size[-1].item() == pytest.approx(2 * layer.weight.abs().mean().item() / math.sqrt(7), rel=1e-5)
+
+
+def test_clip_nesting_layers_share_the_largest_bit_widths_step_size():
+    """nesting="clip" (Eq. 3-4): every bit-width uses the max bit-width's alpha; lower bits clip its grid."""
+    layer = QLinear(16, 4, quantizer={"nesting": "clip"})
+    layer.train()
+    x = torch.randn(8, 16)
+    layer(x)
+    assert bool(layer.activation_step_initialized.all())
+    layer.set_bit_width(2)
+    alpha = layer.activation_step_size[-1].detach()
+    levels = layer.quantized_input(x).detach() / alpha
+    assert set(torch.unique(levels).round().tolist()) <= {-1.0, 0.0, 1.0}

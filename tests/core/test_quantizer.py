@@ -67,12 +67,12 @@ def test_binary_is_plus_minus_alpha_with_sign_of_zero_positive():
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("rounding", ["floor", "round"])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_gradients_follow_ste_and_lsq_formulas(bits, rounding, symmetric):
+@pytest.mark.parametrize("alpha0", [0.37, -0.37])
+def test_gradients_follow_ste_and_lsq_formulas(bits, rounding, symmetric, alpha0):
     """dq/dx = 1 inside the clip range, 0 outside (an exact edge counts as outside: its value is the
     bound); dq/dalpha = q'(v) - v inside, the bound outside, times the LSQ scale 1/sqrt(numel * max(m_b, 1))."""
     torch.manual_seed(bits)
-    lo, hi = integer_bounds(bits, symmetric)
-    alpha0 = 0.37
+    lo, hi = integer_bounds(bits, symmetric)  # a negative alpha (it is learned) must work the same way
     x = (torch.rand(500, dtype=torch.float64) * (hi - lo + 4) + lo - 2) * alpha0
     x = x.requires_grad_()
     alpha = torch.tensor(alpha0, dtype=torch.float64, requires_grad=True)
@@ -96,9 +96,12 @@ def test_gradients_follow_ste_and_lsq_formulas(bits, rounding, symmetric):
 def test_accelerator_mask_path_matches_fused_cpu_path():
     """The mask path used off-CPU (no host sync) gives the same straight-through gradient as the fused one."""
     from bitmixer_core.quantizer import _straight_through
-    x, g, alpha = torch.randn(1000) * 3, torch.randn(1000), torch.tensor(0.4)
-    torch.testing.assert_close(_straight_through(g, x, alpha, -3, 3, fused=False),
-                               _straight_through(g, x, alpha, -3, 3, fused=True))
+    x, g = torch.randn(1000) * 3, torch.randn(1000)
+    for alpha in (torch.tensor(0.4), torch.tensor(-0.4)):
+        torch.testing.assert_close(_straight_through(g, x, alpha, -4, 3, fused=False),
+                                   _straight_through(g, x, alpha, -4, 3, fused=True))
+        v = x / alpha
+        torch.testing.assert_close(_straight_through(g, x, alpha, -4, 3), torch.where((v > -4) & (v < 3), g, 0.0))
 
 
 def test_float32_step_size_gradient_is_accurate_on_large_tensors():

@@ -70,3 +70,21 @@ def test_state_dict_round_trip_keeps_every_pair():
     target.load_state_dict(state)
     for k, v in target.state_dict().items():
         torch.testing.assert_close(v, state[k], msg=k)
+
+
+def test_copies_keep_their_own_wiring():
+    """A deep copy (e.g. a frozen teacher made from the student) switches its own BNs, not the original's."""
+    import copy
+    model = build_model("resnet_tiny", num_classes=10, stem="small")
+    twin = copy.deepcopy(model)
+    set_bits(twin, 2)
+    assert twin.layer1[0].bn2.transition == (2, 2) and model.layer1[0].bn2.transition == (4, 4)
+
+
+def test_per_bit_mode_keys_by_the_producing_layer():
+    """bn="per_bit" (AdaBits-style ablation) keys a BN by its previous layer's bits, or by the next
+    layer's when the previous one has a fixed precision."""
+    model = build_model("resnet_tiny", num_classes=10, stem="small", bn="per_bit")
+    set_bits(model, {"layer1.0.conv2": 2, "layer1.0.conv1": 3})
+    assert model.layer1[0].bn2.transition == 2
+    assert model.bn1.transition == 3
