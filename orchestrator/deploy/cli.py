@@ -77,28 +77,36 @@ def find_subnets_main(argv: list[str] | None = None) -> int:
 
 def run_find_subnets(cfg: FindSubnetsConfig, batches) -> tuple[str, dict]:
     """Load, search, evaluate, plot, log. Returns (MLflow run id, summary metrics)."""
-    import mlflow
+    from mlflow.tracking import MlflowClient
 
     from .mlflow_log import log_figures, log_json, log_metrics
     from .model_source import load_model_source
     from .plots import analysis_figures, subnet_figures
     from .subnets import find_subnets
 
-    loaded = load_model_source(cfg.model)
+    loaded = load_model_source(cfg.model, cfg.tracking.tracking_uri)
     report = find_subnets(loaded.model, batches, batches, cfg.search)
     figures = subnet_figures(report)
     eig = dict(zip(report.layer_names, report.eigenvalues))
     figures.update(analysis_figures(loaded.model, batches, eigenvalues=eig))
-    if cfg.tracking.tracking_uri:
-        mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
-    mlflow.set_experiment(cfg.tracking.experiment)
-    with mlflow.start_run(run_name=cfg.tracking.run_name) as run:
-        mlflow.log_params({"model": cfg.model, "model_name": loaded.model_name, **{
-            k: json.dumps(v) if isinstance(v, list) else v for k, v in cfg.search.model_dump().items()}})
-        log_metrics(run, report.summary())
-        log_json(run, {"layers": report.layer_names, "eigenvalues": report.eigenvalues, "macs": report.macs,
-                       "subnets": report.rows()}, "subnets/subnets.json")
-        log_figures(run, figures, "subnets")
+    # An explicit client: the process-wide MLflow tracking URI and active run are left alone.
+    client = MlflowClient(cfg.tracking.tracking_uri) if cfg.tracking.tracking_uri else MlflowClient()
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.tracking.experiment)
+    run_id = client.create_run(experiment_id, run_name=cfg.tracking.run_name).info.run_id
+    target = (client, run_id)
+    status = "FAILED"
+    try:
+        params = {"model": cfg.model, "model_name": loaded.model_name, **cfg.search.model_dump()}
+        for key, value in params.items():
+            client.log_param(run_id, key, json.dumps(value) if isinstance(value, list) else value)
+        log_metrics(target, report.summary())
+        log_json(target, {"layers": report.layer_names, "eigenvalues": report.eigenvalues, "macs": report.macs,
+                          "subnets": report.rows()}, "subnets/subnets.json")
+        log_figures(target, figures, "subnets")
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status)
     if cfg.out_dir:
         out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -107,7 +115,7 @@ def run_find_subnets(cfg: FindSubnetsConfig, batches) -> tuple[str, dict]:
         tmp = out / ".subnets.json.tmp"
         tmp.write_text(json.dumps({"eigenvalues": eig, "subnets": report.rows(), "summary": report.summary()}, indent=1))
         os.replace(tmp, out / "subnets.json")
-    return run.info.run_id, report.summary()
+    return run_id, report.summary()
 
 
 def export_parser() -> argparse.ArgumentParser:

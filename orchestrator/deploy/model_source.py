@@ -31,11 +31,11 @@ class LoadedModel:
     source: str
 
 
-def _local_path(uri: str) -> Path:
+def _local_path(uri: str, tracking_uri: str | None) -> Path:
     if uri.startswith(_MLFLOW_SCHEMES):
         import mlflow
 
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
     else:
         local = Path(uri)
         if not local.exists():
@@ -50,9 +50,10 @@ def _local_path(uri: str) -> Path:
     return local
 
 
-def load_model_source(uri: str) -> LoadedModel:
-    """Rebuild the meta-network named by ``uri`` (eval mode, CPU)."""
-    path = _local_path(str(uri))
+def load_model_source(uri: str, tracking_uri: str | None = None) -> LoadedModel:
+    """Rebuild the meta-network named by ``uri`` (eval mode, CPU); MLflow URIs resolve against
+    ``tracking_uri`` (default: the current one)."""
+    path = _local_path(str(uri), tracking_uri)
     with open(path, "rb") as f:
         head = f.read(len(MAGIC))
     if head == MAGIC:

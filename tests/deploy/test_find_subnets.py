@@ -70,20 +70,27 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.mark.integration
 def test_find_subnets_logs_table_metrics_and_all_figures_to_a_real_mlflow_server(trained_tiny, tmp_path, mlflow_server):
-    """Against a real `mlflow server`: Fig. 3-7 arrive as PNG artifacts, plus subnets.json and summary metrics."""
+    """Against a real `mlflow server`: the model is read from a runs:/ URI; Fig. 3-7 and Fig. 4 arrive as PNG
+    artifacts, plus subnets.json and summary metrics; the process-wide tracking URI is left alone."""
+    import mlflow
     from mlflow.tracking import MlflowClient
 
     model, val = trained_tiny
     ckpt = save_checkpoint(tmp_path / "model.pt", model, MODEL_NAME, BUILD_KWARGS)
+    client = MlflowClient(mlflow_server.uri)
+    training_run = client.create_run(client.create_experiment("training")).info.run_id
+    client.log_artifact(training_run, str(ckpt))
+    before = mlflow.get_tracking_uri()
     cfg = FindSubnetsConfig(
-        model=str(ckpt),
+        model=f"runs:/{training_run}/model.pt",
         search=SearchConfig(average_bits=[2.5, 3.5], top_k=2, random_per_budget=2, bitops_fractions=[0.4],
                             max_iterations=3, sensitivity_batches=1),
         tracking={"tracking_uri": mlflow_server.uri, "experiment": "deploy-test"},
         out_dir=str(tmp_path / "out"),
     )
     run_id, summary = run_find_subnets(cfg, _small(val))
-    client = MlflowClient(mlflow_server.uri)
+    assert mlflow.get_tracking_uri() == before
+    assert client.get_run(run_id).info.status == "FINISHED"
     names = {a.path for a in client.list_artifacts(run_id, "subnets")}
     expected = {"subnets/subnets_top1_vs_average_bits.png", "subnets/subnets_top1_vs_bitops.png",
                 "subnets/fig3_tbn_variance.png", "subnets/fig5_layer_eigenvalues.png",
