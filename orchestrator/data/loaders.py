@@ -53,7 +53,7 @@ def check_data_folder(path: str | Path) -> None:
     if not folder.is_dir():
         raise DataError(
             f"The data folder {folder} does not exist; create it with "
-            "`python pipelines/prepare_data.py --src DIR --out {folder}` (or `--embedded digits`)."
+            f"`python pipelines/prepare_data.py --src DIR --out {folder}` (or `--embedded digits`)."
         )
     missing = [name for name in DATA_FILES if not (folder / name).is_file()]
     if missing:
@@ -225,6 +225,13 @@ def build_loaders(
         raise DataError(
             "distributed=True needs an initialised torch.distributed process group (Ray Train makes one); "
             "call build_loaders inside the training worker."
+        )
+    if distributed and (torch.distributed.get_rank(), torch.distributed.get_world_size()) != (rank, world_size):
+        # FFCV shards the training set by the process group's rank: a different `rank` would mismatch the
+        # validation shard.
+        raise DataError(
+            f"rank {rank} of world_size {world_size} differs from the process group's rank "
+            f"{torch.distributed.get_rank()} of {torch.distributed.get_world_size()}; pass the process group's values."
         )
     train = build_train_loader(cfg, rank=rank, world_size=world_size, device=device, distributed=distributed)
     val = build_val_loader(cfg, rank=rank, world_size=world_size, device=device)

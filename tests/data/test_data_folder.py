@@ -1,0 +1,54 @@
+"""Bad data folders and data configs are refused with one sentence naming what is wrong."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from orchestrator.data import DataConfig, DataError, check_data_folder, read_classes
+from orchestrator.data.loaders import build_loaders
+
+
+def test_missing_data_folder_names_it_and_the_command(tmp_path):
+    """A data folder that does not exist: the message names it and the command that makes it."""
+    with pytest.raises(DataError, match=f"The data folder {tmp_path / 'nope'} does not exist") as error:
+        check_data_folder(tmp_path / "nope")
+    assert f"--out {tmp_path / 'nope'}`" in str(error.value)
+
+
+def test_missing_files_are_named(tmp_path):
+    """A data folder without val.beton and classes.json: both are named."""
+    (tmp_path / "train.beton").write_bytes(b"")
+    with pytest.raises(DataError, match="has no val.beton, classes.json; create it"):
+        read_classes(tmp_path)
+
+
+def test_unknown_data_key_is_named():
+    """A misspelt key in the data config is rejected, naming it."""
+    with pytest.raises(ValidationError, match="batchsize"):
+        DataConfig(path="x", batchsize=4)
+
+
+def test_progressive_schedule_must_move_forward():
+    """A progressive schedule that ends before it starts is rejected, naming both epochs."""
+    with pytest.raises(ValidationError, match=r"progressive.end_epoch \(2\) must be greater"):
+        DataConfig(path="x", progressive={"start_res": 160, "end_res": 192, "start_epoch": 5, "end_epoch": 2})
+
+
+def test_progressive_resolution_schedule():
+    """Linear from start_res to end_res between the two epochs, rounded down to a multiple of step."""
+    cfg = DataConfig(path="x", progressive={"start_res": 160, "end_res": 192, "start_epoch": 2, "end_epoch": 6})
+    assert [cfg.resolution_for(e) for e in range(8)] == [160, 160, 160, 160, 160, 160, 192, 192]
+    cfg = DataConfig(path="x", progressive={"start_res": 96, "end_res": 192, "start_epoch": 0, "end_epoch": 3})
+    assert [cfg.resolution_for(e) for e in range(4)] == [96, 128, 160, 192]
+    assert DataConfig(path="x", train_resolution=176).resolution_for(9) == 176
+
+
+def test_distributed_without_a_process_group(tmp_path):
+    """distributed=True outside a process group is refused before FFCV is asked to shard."""
+    for name in ("train.beton", "val.beton", "classes.json"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(DataError, match="needs an initialised torch.distributed process group"):
+        build_loaders(DataConfig(path=str(tmp_path)), rank=0, world_size=2, device=torch.device("cpu"),
+                      distributed=True)
