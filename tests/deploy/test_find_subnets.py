@@ -9,6 +9,7 @@ from bitmixer_core.export import load_meta_network
 from orchestrator.deploy.cli import export_main, find_subnets_main, run_find_subnets
 from orchestrator.deploy.config import FindSubnetsConfig, SearchConfig
 from orchestrator.deploy.model_source import load_model_source, save_checkpoint
+from orchestrator.deploy.plots import log_analysis_plots
 from orchestrator.deploy.subnets import find_subnets
 
 from .digits import BUILD_KWARGS, MODEL_NAME
@@ -101,3 +102,6 @@ def test_find_subnets_logs_table_metrics_and_all_figures_to_a_real_mlflow_server
     metrics = client.get_run(run_id).data.metrics
     assert metrics["avg_bits_2.5/top_best_top1"] == summary["avg_bits=2.5/top_best_top1"]
     assert (tmp_path / "out" / "subnets.json").is_file()
+    # the engine / pipeline entry point for a trained model: Fig. 3, 5, 6, 7 into any run
+    paths = log_analysis_plots(model, _small(val), (client, training_run), eigenvalues={"a": 1.0, "b": 2.0})
+    assert {a.path for a in client.list_artifacts(training_run, "analysis")} == set(paths) and len(paths) == 4
