@@ -155,10 +155,9 @@ def _layer_grids(layer: QuantizedLayerMixin) -> list[_Grid]:
     q = layer.quantizer
     steps = layer.weight_step_size.detach().float().tolist()  # the layer divides by alpha as it is
     if q.nesting == "clip":
-        raise ValueError(
-            "export supports the paper's quantizer (nesting='scale'); with nesting='clip' every bit-width already "
-            "derives from the n-bit integers, export that model's state_dict as it is."
-        )
+        # Eq. 3-4: every bit-width clips the n-bit integers of the one largest alpha, so the n-bit grid
+        # alone determines all of them (nothing to choose for the lower bit-widths).
+        return [_Grid(layer.bit_widths.weights[-1], steps[-1], q.rounding, q.symmetric)]
     return [_Grid(b, steps[i], q.rounding, q.symmetric) for i, b in enumerate(layer.bit_widths.weights)]
 
 

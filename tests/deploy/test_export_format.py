@@ -114,3 +114,20 @@ def test_truncated_corrupted_and_foreign_files_are_refused(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"PK\x03\x04 not an artifact")
     with pytest.raises(E.ArtifactError, match="not a Bit-Mixer artifact"):
         E.read_artifact(tmp_path / "ckpt.pt")
+
+
+def test_clip_nesting_needs_only_the_n_bit_integers():
+    """With Eq. 3-4 nesting every bit-width is a clip of the n-bit integers: exact with no extra bits."""
+    torch.manual_seed(0)
+    layer = QConv2d(8, 8, 3, bits=(2, 3, 4), quantizer={"nesting": "clip"})
+    entry, rebuilt = _round_trip(layer, "exact")
+    assert entry["lower"] == [] and entry["verbatim"]["count"] == 0
+    original = layer.weight.detach().clone()
+    for b in (2, 3, 4):
+        layer.set_bit_width(b)
+        want = layer.quantized_weight().detach().clone()
+        with torch.no_grad():
+            layer.weight.copy_(rebuilt)
+        assert torch.equal(layer.quantized_weight().detach(), want)
+        with torch.no_grad():
+            layer.weight.copy_(original)
