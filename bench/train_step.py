@@ -4,7 +4,8 @@ same network built from plain nn.Conv2d / nn.BatchNorm2d, in the same process.
     .venv/bin/python bench/train_step.py [--repeats 10] [--batch 64] [--threads N]
 
 Steps are interleaved (quantized, plain, quantized, ...) so that drifts in machine load hit both; the figure
-is the median of the per-pair time ratios. The Stage III sub-net is redrawn (layer-wise, k = 0.75) before
+is the median of the per-pair time ratios, for wall-clock time and for this process's CPU time (the latter
+is the steadier figure on a machine shared with other jobs). The Stage III sub-net is redrawn (layer-wise, k = 0.75) before
 every quantized step, as in training."""
 
 from __future__ import annotations
@@ -42,30 +43,28 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     optimizers = {id(m): torch.optim.Adam(m.parameters(), lr=1e-3) for m in (meta, plain)}
 
-    def step(model) -> float:
-        start = time.perf_counter()
+    def step(model) -> tuple[float, float]:
+        start, start_cpu = time.perf_counter(), time.process_time()
         if model is meta:
             apply_assignment(meta, policy.sample(names, blocks, epoch=100.0, generator=generator))
         optimizer = optimizers[id(model)]
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(images), labels).backward()
         optimizer.step()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - start_cpu
 
     for model in (meta, plain):  # warm-up (allocator, first-batch initialisation)
         model.train()
         step(model)
         step(model)
-    ratios, meta_times, plain_times = [], [], []
-    for _ in range(args.repeats):
-        tq, tp = step(meta), step(plain)
-        meta_times.append(tq)
-        plain_times.append(tp)
-        ratios.append(tq / tp)
+    pairs = [(step(meta), step(plain)) for _ in range(args.repeats)]
+    median = statistics.median
     print(f"threads={torch.get_num_threads()} batch={args.batch} repeats={args.repeats}")
-    print(f"Bit-Mixer Stage III step: median {statistics.median(meta_times) * 1e3:.1f} ms")
-    print(f"plain nn.Conv2d/BatchNorm2d step: median {statistics.median(plain_times) * 1e3:.1f} ms")
-    print(f"ratio (median of interleaved pairs): {statistics.median(ratios):.3f}x")
+    for k, clock in enumerate(("wall", "cpu")):
+        meta_t, plain_t = [q[k] for q, _ in pairs], [p[k] for _, p in pairs]
+        ratio = median([q[k] / p[k] for q, p in pairs])
+        print(f"{clock:4s}: Bit-Mixer Stage III {median(meta_t) * 1e3:.0f} ms, plain {median(plain_t) * 1e3:.0f} ms, "
+              f"ratio (median of interleaved pairs) {ratio:.3f}x")
 
 
 if __name__ == "__main__":

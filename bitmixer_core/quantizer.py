@@ -4,8 +4,8 @@
     q'     = floor            for b > 1
              sign             for b = 1   (m_1 = 0, so the clip range is [-1, 1] and the output is +-alpha)
 
-The gradients follow LSQ (Esser et al., 2020): straight-through for x inside the clip range and zero
-outside; for alpha, d q / d alpha = q'(v) - v inside and the clip bound outside, scaled by
+The gradients follow LSQ (Esser et al., 2020): straight-through for x strictly inside the clip range and
+zero outside (a value exactly on the edge is the bound, so it counts as outside); for alpha, d q / d alpha = q'(v) - v inside and the clip bound outside, scaled by
 1 / sqrt(numel * max(m_b, 1)).
 
 Decisions written down here because the paper leaves them open:
