@@ -53,6 +53,8 @@ class QuantizedLayerMixin:
     @torch.no_grad()
     def reset_weight_step_sizes(self) -> None:
         """LSQ init from the current weights: 2 * mean|W| / sqrt(m_b) for every weight bit-width."""
+        if self.weight.is_meta:  # built on the meta device (shapes only): there is no data to start from
+            return
         for i, b in enumerate(self.bit_widths.weights):
             self.weight_step_size[i] = initial_step_size(self.weight, b)
 
