@@ -142,7 +142,8 @@ def run_pipeline(cfg: PipelineConfig, *, log=print) -> PipelineReport:
         client.log_text(run_id, dump_pipeline_config(cfg), "config/pipeline.yaml")
 
         env_vars = {"MLFLOW_TRACKING_URI": tracking_uri, "TORCH_EXTENSIONS_DIR": torch_extensions_dir(),
-                    "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true")}
+                    "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
+                    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
         if not cfg.scaling.use_gpu and not (os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID")):
             env_vars["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
         started_ray = _connect_ray(env_vars)

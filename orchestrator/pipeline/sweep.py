@@ -112,6 +112,18 @@ def _trial(config: dict) -> None:
                  "run_id": result.mlflow_run_id, "skipped": False, "done": True})
 
 
+def _trials_that_fit(base: StageConfig, trial_cpus: float) -> int:
+    """Trials hold their CPUs while their workers wait for theirs: never start more trials than the
+    cluster can give workers to, or they all wait for each other."""
+    import ray
+    resources = ray.cluster_resources()
+    need = trial_cpus + base.scaling.num_workers * base.scaling.cpus_per_worker
+    fit = int(resources.get("CPU", 1) // need)
+    if base.scaling.use_gpu:
+        fit = min(fit, int(resources.get("GPU", 0) // base.scaling.num_workers))
+    return max(1, fit)
+
+
 def _sweep_run(base: StageConfig, parent_run_id: str | None, sweep_key: str) -> str:
     """The MLflow run the trials nest under; a re-submission reuses the earlier one of the same sweep."""
     from mlflow.tracking import MlflowClient
@@ -143,13 +155,14 @@ def run_sweep(base: StageConfig, spec: SweepSpec, *, trial_cpus: float, storage_
         "ramp_shape": tune.grid_search(spec.ramp_shape),
         "stage": base.model_dump(mode="json"), "sweep_run_id": sweep_run_id, "objective": spec.objective,
     }
+    concurrent = spec.max_concurrent_trials or _trials_that_fit(base, trial_cpus)
     scheduler = (ASHAScheduler(time_attr="epoch", max_t=base.optim.epochs, grace_period=spec.grace_period)
                  if spec.asha else None)
     tuner = tune.Tuner(
         tune.with_resources(_trial, {"CPU": trial_cpus}),
         param_space=param_space,
         tune_config=tune.TuneConfig(metric="objective", mode="max", num_samples=spec.num_samples,
-                                    scheduler=scheduler, max_concurrent_trials=spec.max_concurrent_trials),
+                                    scheduler=scheduler, max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name=f"{base.name}-sweep-{sweep_key[:12]}", storage_path=storage_path,
                                   verbose=0),
     )
