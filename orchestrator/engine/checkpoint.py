@@ -7,6 +7,7 @@ a temporary name and renamed, so a reader never sees half a file.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -44,7 +45,18 @@ def save_model_pt(path: str | os.PathLike, *, net: nn.Module, model_name: str, b
     return path
 
 
-def resolve_model_pt(uri: str) -> Path:
+def state_dict_digest(state_dict: dict) -> str:
+    """sha256 over a state dict's names and tensor bytes (proves which weights a stage started from)."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().to("cpu").contiguous()
+        digest.update(key.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def resolve_model_pt(uri: str, tracking_uri: str | None = None) -> Path:
     """A local model.pt from a path (a file or a folder holding model.pt) or an MLflow artifact URI
     (runs:/<run>/model.pt, mlflow-artifacts:/..., models:/...), downloaded with the current tracking URI."""
     if "://" not in uri and not uri.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
@@ -56,17 +68,17 @@ def resolve_model_pt(uri: str) -> Path:
                                     f"the previous stage (or its MLflow URI).")
         return path
     import mlflow
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
     return local / MODEL_FILE if local.is_dir() else local
 
 
-def read_model_pt(uri: str) -> dict:
-    return torch.load(resolve_model_pt(uri), map_location="cpu", weights_only=False)
+def read_model_pt(uri: str, tracking_uri: str | None = None) -> dict:
+    return torch.load(resolve_model_pt(uri, tracking_uri), map_location="cpu", weights_only=False)
 
 
-def load_model(uri: str) -> nn.Module:
+def load_model(uri: str, tracking_uri: str | None = None) -> nn.Module:
     """Rebuild the network saved in a model.pt and load its weights (step sizes, every BN entry too)."""
-    return model_from_payload(read_model_pt(uri))
+    return model_from_payload(read_model_pt(uri, tracking_uri))
 
 
 def model_from_payload(payload: dict) -> nn.Module:
@@ -75,9 +87,9 @@ def model_from_payload(payload: dict) -> nn.Module:
     return net
 
 
-def load_weights(net: nn.Module, uri: str, *, expect_model: str) -> dict:
+def load_weights(net: nn.Module, uri: str, *, expect_model: str, tracking_uri: str | None = None) -> dict:
     """Load a previous stage's model.pt into `net` (strict: the architecture must match); returns the payload."""
-    payload = read_model_pt(uri)
+    payload = read_model_pt(uri, tracking_uri)
     if payload.get("model_name") != expect_model:
         raise ValueError(f"checkpoint {uri!r} holds a {payload.get('model_name')!r}, not a {expect_model!r}; "
                          f"init_from / teacher_uri must come from the same architecture.")

@@ -59,7 +59,7 @@ def _load_teacher(cfg: StageConfig, device: torch.device):
     import bitmixer_core as core
     from orchestrator.engine.checkpoint import model_from_payload, read_model_pt
     from orchestrator.engine.subnets import set_stage_precision
-    payload = read_model_pt(cfg.distill.teacher_uri)
+    payload = read_model_pt(cfg.distill.teacher_uri, cfg.tracking.tracking_uri)
     if payload.get("model_name") != cfg.model.name:
         raise ValueError(f"the teacher {cfg.distill.teacher_uri!r} is a {payload.get('model_name')!r}, not a "
                          f"{cfg.model.name!r}; distillation needs a teacher of the same architecture.")
@@ -88,6 +88,36 @@ def _crash_if_asked(cfg: StageConfig, epoch: int, rank: int, world_size: int) ->
     os._exit(1)
 
 
+def _record_epoch(cfg: StageConfig, logger, net, folder: Path, metrics: dict, table: dict | None, *,
+                  last: bool) -> None:
+    """Rank 0: the consolidated model.pt beside the DeepSpeed shards, MLflow metrics and tables (model.pt
+    as an artifact at the end), and one progress line."""
+    from orchestrator.engine.checkpoint import MODEL_FILE, save_model_pt
+    scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
+    model_pt = save_model_pt(folder / MODEL_FILE, net=net, model_name=cfg.model.name,
+                             build_kwargs=cfg.model.build_kwargs(), stage=cfg.policy.stage,
+                             epoch=metrics["epoch"], metrics=scalars)
+    logger.metrics({k: v for k, v in scalars.items() if k != "epoch"}, step=metrics["epoch"])
+    if table is not None:
+        logger.table(table, f"results/per_bit_epoch{metrics['epoch']:03d}.json")
+    if last:
+        logger.table(table, "results/per_bit.json")
+        logger.artifact(model_pt)
+    print(progress_line(cfg, metrics), flush=True)
+
+
+def progress_line(cfg: StageConfig, metrics: dict) -> str:
+    """One line per epoch: loss, lr, top-1 at every bit-width and Rand. when evaluated, time."""
+    text = (f"[{cfg.name}] epoch {metrics['epoch'] + 1}/{cfg.optim.epochs} loss {metrics['train_loss']:.4f} "
+            f"lr {metrics['lr']:.2e}")
+    if "top1_fp32" in metrics:
+        text += f" top1 fp32 {metrics['top1_fp32']:.1f}%"
+    elif "rand_top1_mean" in metrics:
+        text += (" top1 " + "/".join(f"{b}b {metrics[f'top1_b{b}']:.1f}" for b in cfg.model.bits_activations)
+                 + f" rand {metrics['rand_top1_mean']:.1f}%")
+    return text + f" time {metrics['epoch_time_s']:.1f}s"
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Entry point Ray Train runs on every worker; `loop_config` = {"stage": StageConfig JSON, "run_id": ...}."""
     cfg = StageConfig.model_validate(loop_config["stage"])
@@ -103,12 +133,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     import bitmixer_core as core
     from orchestrator.data.loaders import build_loaders
-    from orchestrator.engine.checkpoint import MODEL_FILE, load_weights, save_model_pt
+    from orchestrator.engine.checkpoint import load_weights, state_dict_digest
     from orchestrator.engine.deepspeed_config import deepspeed_config
     from orchestrator.engine.evaluation import evaluate_stage, per_bit_table
     from orchestrator.engine.schedule import warmup_cosine
+    from orchestrator.engine.step import train_step
     from orchestrator.engine.subnets import SubnetSampler, set_stage_precision
-    from orchestrator.tracking.stage_run import RunLogger
+    from orchestrator.tracking.stage_run import TAG_INIT_DIGEST, RunLogger
 
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -121,8 +152,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     set_stage_precision(net, stage)
 
     resume = ray.train.get_checkpoint()
+    logger = RunLogger(cfg.tracking.tracking_uri, loop_config["run_id"]) if rank == 0 else None
     if cfg.init_from and resume is None:
-        payload = load_weights(net, cfg.init_from, expect_model=cfg.model.name)
+        payload = load_weights(net, cfg.init_from, expect_model=cfg.model.name,
+                               tracking_uri=cfg.tracking.tracking_uri)
+        if logger:  # which weights this stage started from, before anything changes them
+            logger.tag(TAG_INIT_DIGEST, state_dict_digest(net.state_dict()))
         # Stage II (or any weight-quantized stage) after a stage with real-valued weights: the weights
         # moved since construction, so their step sizes restart from them (LSQ init).
         if payload.get("stage") in ("fp32", "one") and stage in ("two", "three", "fixed"):
@@ -157,9 +192,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         resumed_from = start_epoch
     global_step = start_epoch * steps_per_epoch
 
-    logger = RunLogger(cfg.tracking.tracking_uri, loop_config["run_id"]) if rank == 0 else None
-    if logger and resumed_from >= 0:
-        logger.metrics({"resumed_at_epoch": resumed_from}, step=resumed_from)
     accumulation = cfg.deepspeed.grad_accumulation
     metrics: dict = {}
     for epoch in range(start_epoch, cfg.optim.epochs):
@@ -169,19 +201,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         loss_sum = torch.zeros(2, dtype=torch.float64)
         for i, (images, labels) in enumerate(train_loader):
             # One sub-net per optimizer step, the same on every rank.
-            sampler.apply(global_step, epoch + i / steps_per_epoch)
-            for part_images, part_labels in zip(images.chunk(accumulation), labels.chunk(accumulation)):
-                logits = engine(part_images.to(dtype))
-                teacher_logits = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(part_images).float()
-                loss = core.distillation_loss(logits.float(), teacher_logits, part_labels,
-                                              temperature=cfg.distill.temperature, weight=cfg.distill.weight)
-                engine.backward(loss)
-                engine.step()
-                loss_sum += torch.tensor([loss.item() * part_labels.numel(), part_labels.numel()],
-                                         dtype=torch.float64)
+            step_loss, step_images = train_step(engine, images, labels, sampler=sampler, global_step=global_step,
+                                                epoch=epoch + i / steps_per_epoch, accumulation=accumulation,
+                                                distill=cfg.distill, teacher=teacher, dtype=dtype)
+            loss_sum += torch.tensor([step_loss, step_images], dtype=torch.float64)
             global_step += 1
         if dist.is_initialized():
             dist.all_reduce(loss_sum)  # the mean training loss over every rank's images
@@ -210,19 +233,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, client_state={"epoch": epoch},
                                    save_latest=True)
             if rank == 0:
-                model_pt = save_model_pt(folder / MODEL_FILE, net=engine.module, model_name=cfg.model.name,
-                                         build_kwargs=cfg.model.build_kwargs(), stage=stage, epoch=epoch,
-                                         metrics={k: v for k, v in metrics.items() if not isinstance(v, list)})
-                logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-                if table is not None:
-                    logger.table(table, f"results/per_bit_epoch{epoch:03d}.json")
-                if last:
-                    logger.table(table, "results/per_bit.json")
-                    logger.artifact(model_pt)
-                top = metrics.get(f"top1_b{max(bits)}", metrics.get("top1_fp32"))
-                top_text = f" top1@{'fp32' if stage == 'fp32' else f'{max(bits)}b'} {top:.2f}%" if top is not None else ""
-                print(f"[{cfg.name}] epoch {epoch + 1}/{cfg.optim.epochs} loss {metrics['train_loss']:.4f} "
-                      f"lr {metrics['lr']:.2e}{top_text} time {epoch_time:.1f}s", flush=True)
+                _record_epoch(cfg, logger, engine.module, folder, metrics, table, last=last)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)))
         finally:
             shutil.rmtree(folder, ignore_errors=True)

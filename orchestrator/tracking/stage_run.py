@@ -17,6 +17,7 @@ TAG_ARCHITECTURE = "bitmixer.architecture"
 TAG_CONFIG_HASH = "bitmixer.config_hash"
 TAG_STATUS = "bitmixer.status"
 TAG_GIT_COMMIT = "bitmixer.git_commit"
+TAG_INIT_DIGEST = "bitmixer.init_state_sha256"  # sha256 of the weights loaded from init_from
 STATUS_RUNNING, STATUS_FINISHED, STATUS_FAILED = "RUNNING", "FINISHED", "FAILED"
 
 
@@ -121,6 +122,9 @@ class RunLogger:
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
+
+    def tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
 
     def table(self, columns: dict, artifact_file: str) -> None:
         self.client.log_table(self.run_id, data=columns, artifact_file=artifact_file)

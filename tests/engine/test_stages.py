@@ -1,0 +1,153 @@
+"""Stages I -> II -> III of Bit-Mixer on the embedded digits, for real: a local Ray cluster, 2 Ray Train
+workers, the DeepSpeed engine (ZeRO-1, gloo on CPU), the FFCV loaders, an `mlflow server` process.
+
+One module-scoped run of the three stages (worker groups are the expensive part) feeds every test:
+Stage II distils from Stage I through an MLflow model URI, Stage III starts from Stage II through an MLflow
+URI, and one of Stage III's workers is killed after its first epoch.
+"""
+import os
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+STAGE_EPOCHS = {"one": 3, "two": 2, "three": 3}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Data, MLflow server and Ray session shared by the module (one Ray session per module)."""
+    tmp = tmp_path_factory.mktemp("stages")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "bitmixer" / "torch_extensions"))
+    import ray
+
+    from orchestrator.data.embedded import write_embedded_digits
+    from tests.servers import MLflowServer
+
+    data = write_embedded_digits(tmp / "digits")
+    with MLflowServer(tmp / "mlflow") as server:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+        try:
+            yield {"tmp": tmp, "data": str(data), "mlflow": server}
+        finally:
+            ray.shutdown()
+
+
+def stage_config(env, name, policy, epochs, lr_peak=5e-3, **extra):
+    from orchestrator.engine import StageConfig
+    return StageConfig.model_validate(dict(
+        name=name,
+        model=dict(name="resnet_tiny", num_classes=10, stem="small"),
+        data=dict(path=env["data"], train_resolution=32, val_resolution=32, val_crop_ratio=1.0, batch_size=32,
+                  num_workers=1),
+        optim=dict(epochs=epochs, warmup_epochs=0.5, lr_peak=lr_peak),
+        policy=policy,
+        scaling=dict(num_workers=2, cpus_per_worker=0.5),
+        tracking=dict(tracking_uri=env["mlflow"].uri, experiment="engine-test"),
+        storage_path=str(env["tmp"] / "ray"),
+        **extra,
+    ))
+
+
+@pytest.fixture(scope="module")
+def stages(env):
+    from orchestrator.engine import run_stage
+    one = run_stage(stage_config(env, "digits-stage1", dict(stage="one"), STAGE_EPOCHS["one"]))
+    two = run_stage(stage_config(
+        env, "digits-stage2", dict(stage="two"), STAGE_EPOCHS["two"], init_from=one.model_path,
+        distill=dict(teacher="path", teacher_uri=f"runs:/{one.mlflow_run_id}/model.pt", temperature=2.0,
+                     weight=0.5)))
+    marker = env["tmp"] / "crashed-once"
+    three = run_stage(stage_config(
+        env, "digits-stage3", dict(stage="three", k=0.75, ramp_epochs=0), STAGE_EPOCHS["three"], lr_peak=2e-3,
+        init_from=f"runs:/{two.mlflow_run_id}/model.pt",
+        debug=dict(crash_after_epoch=0, crash_marker=str(marker))))
+    return {"one": one, "two": two, "three": three, "marker": marker}
+
+
+def client(env):
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(tracking_uri=env["mlflow"].uri)
+
+
+def test_learning_happened(stages):
+    """Each stage ends far above the 10% of chance (a broken quantizer or a frozen optimizer stays near
+    it on these digits): Stage I and II at 4 bits, Stage III at its best fixed bit-width, and the
+    training loss falls from Stage I to Stage III. The figures cover the whole validation set once."""
+    one, two, three = (stages[s].metrics for s in ("one", "two", "three"))
+    print({s: {k: round(v, 1) for k, v in stages[s].metrics.items() if k.startswith(("top1", "rand_top1"))}
+           for s in ("one", "two", "three")})
+    assert three["val_images"] == 359  # the digits' validation split, counted once over both ranks
+    assert one["top1_b4"] > 30.0, one
+    assert two["top1_b4"] > 35.0, two
+    assert max(three[f"top1_b{b}"] for b in (2, 3, 4)) > 30.0, three
+    assert three["train_loss"] < one["train_loss"] < 2.3
+
+
+def test_stage_two_started_from_stage_one_weights(env, stages):
+    """Stage II's run records the digest of the weights it loaded: it equals Stage I's model.pt (a stage
+    that silently started from scratch, or from another checkpoint, would not match)."""
+    import torch
+
+    from orchestrator.engine.checkpoint import state_dict_digest
+    from orchestrator.tracking.stage_run import TAG_INIT_DIGEST
+    stage_one = torch.load(stages["one"].model_path, map_location="cpu", weights_only=False)
+    assert stage_one["stage"] == "one" and stage_one["epoch"] == STAGE_EPOCHS["one"] - 1
+    tags = client(env).get_run(stages["two"].mlflow_run_id).data.tags
+    assert tags[TAG_INIT_DIGEST] == state_dict_digest(stage_one["state_dict"])
+    stage_two = torch.load(stages["two"].model_path, map_location="cpu", weights_only=False)
+    tags3 = client(env).get_run(stages["three"].mlflow_run_id).data.tags
+    assert tags3[TAG_INIT_DIGEST] == state_dict_digest(stage_two["state_dict"])
+
+
+def test_mlflow_holds_tables_checkpoints_and_tags(env, stages):
+    """Each stage's run has the per-bit table (a row per bit-width + Rand.), model.pt, the resolved config,
+    per-epoch metrics, its tags, and FINISHED status."""
+    import mlflow
+
+    from orchestrator.engine.checkpoint import load_model
+    from orchestrator.tracking.stage_run import TAG_CONFIG_HASH, TAG_STAGE, TAG_STATUS
+    c = client(env)
+    mlflow.set_tracking_uri(env["mlflow"].uri)
+    mlflow.set_experiment("engine-test")  # load_table searches the current experiment
+    for stage in ("one", "two", "three"):
+        result = stages[stage]
+        run = c.get_run(result.mlflow_run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.tags[TAG_STATUS] == "FINISHED"
+        assert run.data.tags[TAG_STAGE] == stage
+        assert run.data.tags[TAG_CONFIG_HASH] == result.config_hash
+        assert run.data.tags["bitmixer.architecture"] == "resnet_tiny"
+        assert run.data.params["optim.lr_peak"] == ("0.002" if stage == "three" else "0.005")
+        names = {a.path for a in c.list_artifacts(result.mlflow_run_id)}
+        assert {"model.pt", "config", "results"} <= names
+        table = mlflow.load_table("results/per_bit.json", run_ids=[result.mlflow_run_id])
+        assert list(table["bits"])[-1] == "Rand." and len(table) == 4
+        assert table["top1"].iloc[2] == pytest.approx(result.metrics["top1_b4"])
+        history = c.get_metric_history(result.mlflow_run_id, "top1_b4")
+        assert sorted(m.step for m in history) == list(range(STAGE_EPOCHS[stage]))
+    net = load_model(f"runs:/{stages['three'].mlflow_run_id}/model.pt", tracking_uri=env["mlflow"].uri)
+    assert sum(p.numel() for p in net.parameters()) > 0
+
+
+def test_ranks_drew_identical_subnets(stages):
+    """Both ranks fingerprint their sequence of sub-net draws: the fingerprints are equal (the same
+    sub-net trained on every rank at every step), and differ between stages."""
+    digests = {stage: stages[stage].subnet_digests for stage in ("one", "two", "three")}
+    for stage, pair in digests.items():
+        assert len(pair) == 2 and pair[0] == pair[1], (stage, pair)
+    assert len({pair[0] for pair in digests.values()}) == 3
+    assert stages["three"].metrics["subnet_draws"] > 0
+
+
+def test_killed_worker_resumes_from_last_checkpoint(env, stages):
+    """A worker killed (os._exit) after Stage III's first epoch is replaced; the stage finishes, resuming at
+    epoch 1 from the recorded checkpoint: no epoch is logged twice and epoch 0 is not trained again."""
+    assert stages["marker"].exists()  # the crash did happen
+    final = stages["three"].metrics
+    assert final["resumed_at_epoch"] == 1
+    assert final["epoch"] == STAGE_EPOCHS["three"] - 1
+    history = client(env).get_metric_history(stages["three"].mlflow_run_id, "epoch_time_s")
+    assert sorted(m.step for m in history) == list(range(STAGE_EPOCHS["three"]))
