@@ -16,7 +16,7 @@ import time
 
 from orchestrator.engine.config import StageConfig, config_hash
 from orchestrator.pipeline.config import SweepSpec
-from orchestrator.pipeline.outcome import FINISHED, StageOutcome, finished_outcome, model_uri
+from orchestrator.pipeline.outcome import FINISHED, SKIPPED, StageOutcome, finished_outcome, model_uri
 
 TAG_SWEEP = "bitmixer.sweep_of"
 
@@ -188,7 +188,7 @@ def run_sweep(base: StageConfig, spec: SweepSpec, *, trial_cpus: float, storage_
     detail = (f"sweep of {len(trials)} trial(s) ({skipped} found done), best k={best.config['k']:.3g} "
               f"ramp={best.config['ramp_epochs']} {best.config['ramp_shape']} "
               f"objective={best.metrics['objective']:.2f}" + (f"; failed: {'; '.join(errors)}" if errors else ""))
-    status = FINISHED
+    status = SKIPPED if skipped == len(trials) and not errors else FINISHED
     return StageOutcome(key=key, status=status, run_id=run_id, model_uri=model_uri(run_id), metrics=metrics,
                         config_hash=config_hash(base), detail=detail)
 
