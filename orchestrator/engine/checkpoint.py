@@ -31,7 +31,9 @@ def save_model_pt(path: str | os.PathLike, *, net: nn.Module, model_name: str, b
     """Write model.pt atomically (temp file in the same folder, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state_dict = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+    # fp32 on disk whatever the engine trained in (a bf16 engine's weights load into any later stage).
+    state_dict = {k: v.detach().to("cpu", dtype=torch.float32 if v.is_floating_point() else v.dtype, copy=True)
+                  for k, v in net.state_dict().items()}
     payload = {"model_name": model_name, "build_kwargs": build_kwargs, "state_dict": state_dict,
                "stage": stage, "epoch": epoch, "metrics": dict(metrics)}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

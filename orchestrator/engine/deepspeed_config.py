@@ -34,3 +34,14 @@ def deepspeed_config(cfg: StageConfig, *, world_size: int, use_gpu: bool) -> dic
     if cfg.deepspeed.gradient_clipping > 0:
         config["gradient_clipping"] = cfg.deepspeed.gradient_clipping
     return config
+
+
+def align_buffers(module, dtype) -> None:
+    """DeepSpeed's bf16 mode casts parameters only; BN running statistics stay fp32 and batch_norm then
+    refuses the mix ("expected scalar type BFloat16 but found Float"). Cast floating buffers alike."""
+    import torch
+    if dtype == torch.float32:
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point() and buffer.dtype != dtype:
+            buffer.data = buffer.data.to(dtype)

@@ -24,7 +24,9 @@ STATE_FILE = "engine_state.pt"
 def _device(use_gpu: bool) -> torch.device:
     if use_gpu:
         import ray.train.torch
-        return ray.train.torch.get_device()
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)  # DeepSpeed places the engine on the current CUDA device
+        return device
     return torch.device("cpu")
 
 
@@ -134,7 +136,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import bitmixer_core as core
     from orchestrator.data.loaders import build_loaders
     from orchestrator.engine.checkpoint import load_weights, state_dict_digest
-    from orchestrator.engine.deepspeed_config import deepspeed_config
+    from orchestrator.engine.deepspeed_config import align_buffers, deepspeed_config
     from orchestrator.engine.evaluation import evaluate_stage, per_bit_table
     from orchestrator.engine.schedule import warmup_cosine
     from orchestrator.engine.step import train_step
@@ -181,6 +183,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                                lr_peak=cfg.optim.lr_peak, lr_final=cfg.optim.lr_final),
         dist_init_required=False)
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+    align_buffers(engine.module, dtype)
     teacher = _load_teacher(cfg, device)
     sampler = SubnetSampler(engine.module, cfg.policy, cfg.model, cfg.seed)
 
