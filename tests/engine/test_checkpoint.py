@@ -1,0 +1,84 @@
+"""model.pt: atomic write, faithful round trip (step sizes and every Transitional BN entry), clear errors for
+a missing file or another architecture; bf16 engines' buffers; the per-bit table and progress line."""
+import pytest
+import torch
+
+import bitmixer_core as core
+from orchestrator.engine.checkpoint import (load_model, load_weights, save_model_pt, state_dict_digest)
+from orchestrator.engine.config import ModelConfig, StageConfig
+from orchestrator.engine.deepspeed_config import align_buffers
+from orchestrator.engine.evaluation import per_bit_table
+from orchestrator.engine.worker import progress_line
+
+MODEL = ModelConfig(name="resnet_tiny", num_classes=10, stem="small")
+
+
+def trained_like_net():
+    """A net whose state differs from a fresh build everywhere that matters (weights, step sizes, BN stats)."""
+    torch.manual_seed(1)
+    net = MODEL.build()
+    core.calibrate_activation_step_sizes(net, torch.randn(8, 3, 32, 32))
+    with torch.no_grad():
+        for tensor in list(net.parameters()) + [b for b in net.buffers() if b.is_floating_point()]:
+            tensor.add_(torch.rand_like(tensor))
+    return net
+
+
+def test_model_pt_round_trip_keeps_everything(tmp_path):
+    """Saving then load_model rebuilds the same architecture with an identical state dict."""
+    net = trained_like_net()
+    path = save_model_pt(tmp_path / "model.pt", net=net, model_name=MODEL.name, build_kwargs=MODEL.build_kwargs(),
+                         stage="two", epoch=3, metrics={"top1_b4": 50.0})
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temp file left behind
+    payload = torch.load(path, weights_only=False)
+    assert set(payload) == {"model_name", "build_kwargs", "state_dict", "stage", "epoch", "metrics"}
+    again = load_model(str(tmp_path))  # a folder holding model.pt is accepted too
+    assert state_dict_digest(again.state_dict()) == state_dict_digest(net.state_dict())
+    assert any("entries" in key for key in payload["state_dict"])  # Transitional BN entries are saved
+
+
+def test_model_pt_is_fp32_on_disk_whatever_the_engine_used(tmp_path):
+    """A bf16 engine's weights are written as fp32 so any later stage (fp32 on CPU) loads them."""
+    net = trained_like_net().bfloat16()
+    save_model_pt(tmp_path / "model.pt", net=net, model_name=MODEL.name, build_kwargs=MODEL.build_kwargs(),
+                  stage="three", epoch=0, metrics={})
+    state = torch.load(tmp_path / "model.pt", weights_only=False)["state_dict"]
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
+
+
+def test_missing_or_foreign_checkpoint_is_named(tmp_path):
+    """init_from pointing nowhere, or at another architecture, fails with a sentence naming it."""
+    with pytest.raises(FileNotFoundError, match="does not exist; give the model.pt"):
+        load_weights(MODEL.build(), str(tmp_path / "nope.pt"), expect_model=MODEL.name)
+    save_model_pt(tmp_path / "model.pt", net=MODEL.build(), model_name="resnet18", build_kwargs={},
+                  stage="one", epoch=0, metrics={})
+    with pytest.raises(ValueError, match="holds a 'resnet18', not a 'resnet_tiny'"):
+        load_weights(MODEL.build(), str(tmp_path / "model.pt"), expect_model=MODEL.name)
+
+
+def test_align_buffers_casts_bn_statistics_for_bf16():
+    """After DeepSpeed casts parameters to bf16, BN running statistics must follow or batch_norm fails."""
+    net = MODEL.build()
+    for p in net.parameters():
+        p.data = p.data.bfloat16()
+    align_buffers(net, torch.bfloat16)
+    assert {b.dtype for b in net.buffers() if b.is_floating_point()} == {torch.bfloat16}
+    net.train()
+    assert net(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_per_bit_table_and_progress_line():
+    """One row per fixed bit-width (weights/activations named) plus Rand. with its std; the progress line
+    shows loss, lr, top-1 at each bit-width and Rand."""
+    metrics = {"epoch": 1, "train_loss": 1.5, "lr": 1e-3, "epoch_time_s": 2.0, "rand_top1_mean": 40.0,
+               "rand_top1_std": 1.5, "rand_top5_mean": 80.0}
+    for b in (2, 3, 4):
+        metrics[f"top1_b{b}"], metrics[f"top5_b{b}"] = 10.0 * b, 20.0 * b
+    table = per_bit_table(metrics, bits=[2, 3, 4], stage="three", first_last="fp32", bits_weights=[1, 3, 4])
+    assert table["bits"] == ["A2/W1", "A3/W3", "A4/W4", "Rand."]
+    assert table["top1"] == [20.0, 30.0, 40.0, 40.0] and table["top1_std"][-1] == 1.5
+    cfg = StageConfig.model_validate(dict(name="s", model=MODEL.model_dump(), data=dict(path="x", batch_size=8),
+                                          optim=dict(epochs=3, warmup_epochs=0), policy=dict(stage="three"),
+                                          tracking=dict(tracking_uri="sqlite:////tmp/x.db")))
+    assert progress_line(cfg, metrics) == ("[s] epoch 2/3 loss 1.5000 lr 1.00e-03 top1 2b 20.0/3b 30.0/4b 40.0 "
+                                           "rand 40.0% time 2.0s")
