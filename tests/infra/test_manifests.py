@@ -118,3 +118,20 @@ def test_mlflow_kubernetes_service_matches_what_the_job_reports_to(rayjob):
     assert args["--artifacts-destination"].startswith("s3://") and "--serve-artifacts" in args
     assert args["--port"] == str(container["ports"][0]["containerPort"]) == str(port)
     assert by_name[("Service", "mlflow-postgres")]["spec"]["ports"][0]["port"] == 5432
+
+
+def test_rayjob_every_ray_process_shares_one_token(rayjob):
+    """With token authentication on, the head, the workers and the submitter pod must all read the same
+    token, or workers cannot join and the job cannot be submitted."""
+    spec = rayjob["spec"]
+    cluster = spec["rayClusterSpec"]
+    containers = [cluster["headGroupSpec"]["template"]["spec"]["containers"][0],
+                  *(g["template"]["spec"]["containers"][0] for g in cluster["workerGroupSpecs"]),
+                  spec["submitterPodTemplate"]["spec"]["containers"][0]]
+    sources = set()
+    for container in containers:
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token", container["name"]
+        ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+        sources.add((ref["name"], ref["key"]))
+    assert len(sources) == 1
