@@ -72,14 +72,15 @@ def run_stage(cfg: StageConfig) -> StageResult:
     try:
         _ensure_ray(cfg)
         storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
+        # The hash in the name: a re-run of the same config resumes its own checkpoints, never another's.
+        ray_run_name = f"{cfg.name}-{digest[:12]}"
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"stage": resolved, "run_id": run_id, "torch_extensions_dir": torch_extensions_dir()},
             scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                          resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
             run_config=RunConfig(
-                # The hash in the name: a re-run of the same config resumes its own checkpoints, never another's.
-                name=f"{cfg.name}-{digest[:12]}", storage_path=storage,
+                name=ray_run_name, storage_path=storage,
                 failure_config=FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
         )
@@ -87,14 +88,20 @@ def run_stage(cfg: StageConfig) -> StageResult:
         if result.error is not None:
             raise result.error
         checkpoint = result.checkpoint
-        local_dir = Path(storage) / f"{cfg.name}-{digest[:12]}" if "://" not in storage else Path("runs") / cfg.name
+        # Beside Ray's checkpoints when they are local; under ./runs when they live in S3.
+        local_dir = Path(storage) / ray_run_name if "://" not in storage else Path.cwd() / "runs" / ray_run_name
         model_path = _fetch_model_pt(checkpoint, local_dir / MODEL_FILE)
         metrics = dict(result.metrics)
+        checkpoint_dir = (f"{storage.split('://')[0]}://{checkpoint.path}" if "://" in storage
+                          else str(checkpoint.path))
     except BaseException:
-        close_stage_run(cfg.tracking.tracking_uri, run_id, succeeded=False)
+        try:
+            close_stage_run(cfg.tracking.tracking_uri, run_id, succeeded=False)
+        except Exception as err:  # never hide the stage's own error behind a tracking one
+            print(f"[{cfg.name}] could not mark MLflow run {run_id} FAILED: {err}", flush=True)
         raise
     digests = metrics.pop("subnet_digests", [])
     close_stage_run(cfg.tracking.tracking_uri, run_id, succeeded=True,
                     final_metrics={k: v for k, v in metrics.items() if k.startswith(("top", "rand_", "train_loss"))})
     return StageResult(name=cfg.name, model_path=str(model_path), metrics=metrics, mlflow_run_id=run_id,
-                       checkpoint_dir=str(checkpoint.path), config_hash=digest, subnet_digests=digests)
+                       checkpoint_dir=checkpoint_dir, config_hash=digest, subnet_digests=digests)
