@@ -76,7 +76,9 @@ def run_stage(cfg: StageConfig) -> StageResult:
         ray_run_name = f"{cfg.name}-{digest[:12]}"
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"stage": resolved, "run_id": run_id, "torch_extensions_dir": torch_extensions_dir()},
+            train_loop_config={"stage": resolved, "run_id": run_id, "torch_extensions_dir": torch_extensions_dir(),
+                               # the fault-injection hook watches Ray's record of checkpoints (local runs)
+                               "run_dir": None if "://" in storage else str(Path(storage) / ray_run_name)},
             scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                          resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
             run_config=RunConfig(

@@ -74,8 +74,12 @@ def _load_teacher(cfg: StageConfig, device: torch.device):
     return teacher
 
 
-def _crash_if_asked(cfg: StageConfig, epoch: int, rank: int, world_size: int) -> None:
-    """Fault injection for the fault-tolerance test: one rank exits hard after `crash_after_epoch`, once."""
+def _crash_if_asked(cfg: StageConfig, epoch: int, rank: int, world_size: int, run_dir: str | None) -> None:
+    """Fault injection for the fault-tolerance test: one rank exits hard after `crash_after_epoch`, once.
+
+    It first waits (at most 2 minutes) until Ray has recorded that epoch's checkpoint in the run's
+    checkpoint_manager_snapshot.json: Ray collects reports every ~2 s, and a loaded machine is slower, so
+    an immediate crash could lose the checkpoint and make the test's outcome a matter of timing."""
     debug = cfg.debug
     if debug.crash_after_epoch is None or debug.crash_after_epoch != epoch:
         return
@@ -84,10 +88,22 @@ def _crash_if_asked(cfg: StageConfig, epoch: int, rank: int, world_size: int) ->
     marker = Path(debug.crash_marker)
     if marker.exists():
         return
+    snapshot = Path(run_dir) / "checkpoint_manager_snapshot.json" if run_dir else None
+    deadline = time.monotonic() + 120.0
+    while snapshot is not None and time.monotonic() < deadline and not _recorded(snapshot, epoch):
+        time.sleep(0.5)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"crashed after epoch {epoch}\n")
-    time.sleep(5.0)  # let Ray record the checkpoint just reported (it collects reports every ~2 s)
     os._exit(1)
+
+
+def _recorded(snapshot: Path, epoch: int) -> bool:
+    import json
+    try:
+        results = json.loads(snapshot.read_text()).get("checkpoint_results", [])
+    except (OSError, ValueError):
+        return False
+    return any(r.get("metrics", {}).get("epoch") == epoch for r in results)
 
 
 def _record_epoch(cfg: StageConfig, logger, net, folder: Path, metrics: dict, table: dict | None, *,
@@ -240,4 +256,4 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        _crash_if_asked(cfg, epoch, rank, world_size)
+        _crash_if_asked(cfg, epoch, rank, world_size, loop_config.get("run_dir"))
