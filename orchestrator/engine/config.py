@@ -10,7 +10,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orchestrator.data.config import DataConfig
 from orchestrator.tracking.config import TrackingConfig
@@ -36,6 +36,14 @@ class ModelConfig(BaseModel):
     symmetric: bool = Field(True, description="Symmetric integer range of Eq. 2 (False: asymmetric ablation).")
     nesting: Literal["scale", "clip"] = Field("scale", description="Per-bit step sizes, or the clip-based "
                                                                    "nesting of Eq. 3-4 (ablation).")
+
+    @field_validator("name")
+    @classmethod
+    def _known_architecture(cls, name: str) -> str:
+        from bitmixer_core import available_models  # torch only; the registry is the truth
+        if name not in available_models():
+            raise ValueError(f"unknown architecture {name!r}; choose one of {available_models()}")
+        return name
 
     @model_validator(mode="after")
     def _aligned_bits(self) -> "ModelConfig":

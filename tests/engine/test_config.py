@@ -45,7 +45,9 @@ def test_bad_values_name_their_field():
     """Out-of-range or wrong-choice values name the field that holds them."""
     assert "policy.stage" in error_text(policy=dict(stage="four")).replace("\n", ".")
     assert "zero_stage" in error_text(deepspeed=dict(zero_stage=3))
-    assert "k" in error_text(policy=dict(stage="three", k=1.5))
+    assert "policy.k\n" in error_text(policy=dict(stage="three", k=1.5))
+    assert "model.name\n" in error_text(model=dict(name="resnet19"))
+    assert "unknown architecture 'resnet19'" in error_text(model=dict(name="resnet19"))
 
 
 def test_cross_field_rules_say_what_to_do():
