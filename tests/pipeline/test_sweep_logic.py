@@ -1,0 +1,38 @@
+"""The Stage III sweep's pure logic: the objective a trial is ranked by, and the trial's stage config."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.engine.config import config_hash
+from orchestrator.pipeline.config import load_pipeline_config
+from orchestrator.pipeline.plan import build_plan
+from orchestrator.pipeline.sweep import objective, trial_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
+METRICS = {"top1_b2": 60.0, "top1_b3": 70.0, "top1_b4": 80.0, "rand_top1_mean": 50.0}
+
+
+def test_objectives():
+    """mean_bits_and_rand is the mean of the per-bit row and Rand. (the paper's whole Table 7 row);
+    'rand' and 'lowest_bit' pick one cell; an evaluation that is missing a cell scores None, not 0."""
+    assert objective(METRICS, [2, 3, 4], "mean_bits_and_rand") == pytest.approx(65.0)
+    assert objective(METRICS, [2, 3, 4], "rand") == 50.0
+    assert objective(METRICS, [2, 3, 4], "lowest_bit") == 60.0
+    assert objective({"top1_b2": 1.0}, [2, 3, 4], "mean_bits_and_rand") is None
+
+
+def test_trial_config_changes_only_the_swept_values():
+    """A trial is its base Stage III config with k / ramp_epochs / ramp_shape replaced, a name of its own and
+    the sweep's run as parent; every other setting, and so the model it starts from, stays the same."""
+    cfg = load_pipeline_config(CONFIGS / "embedded.yaml")
+    base = build_plan(cfg, data_path="/d", tracking_uri="sqlite:////tmp/x.db").nodes["resnet_tiny/main/three"].config
+    base = base.model_copy(update={"init_from": "runs:/abc/model.pt"})
+    trial = trial_config(base, 0.8, 3, "cosine", "sweep-run")
+    assert (trial.policy.k, trial.policy.ramp_epochs, trial.policy.ramp_shape) == (0.8, 3, "cosine")
+    assert trial.name == "resnet_tiny-main-three-k0.8-ramp3-cosine" and trial.tracking.parent_run_id == "sweep-run"
+    assert trial.init_from == base.init_from and trial.optim == base.optim and trial.model == base.model
+    other = trial_config(base, 0.6667, 3, "cosine", "sweep-run")
+    assert config_hash(trial) != config_hash(other)  # each trial is found done by its own hash
+    assert config_hash(trial) == config_hash(trial_config(base, 0.8, 3, "cosine", "another-sweep-run"))
