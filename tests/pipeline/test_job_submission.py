@@ -95,7 +95,13 @@ def _submit(cluster, submission_id: str) -> str:
             "--submission-id", submission_id, "--working-dir", str(ROOT),
             "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "runs", "*.db", "mlruns", "data"]}),
             "--", "python", "pipelines/full_paper.py", "--config", str(cluster["config"])]
-    out = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    deadline = time.monotonic() + 120
+    while True:
+        out = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        # The dashboard answers before the head's job agent is up; Ray says to try again.
+        if out.returncode == 0 or "No available agent" not in out.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(3)
     assert out.returncode == 0, out.stdout + out.stderr
     from ray.job_submission import JobStatus, JobSubmissionClient
     os.environ["RAY_AUTH_MODE"] = "disabled"
