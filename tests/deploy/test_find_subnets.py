@@ -63,7 +63,7 @@ def test_cli_refuses_bad_input_with_one_sentence(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    from servers import MLflowServer  # tests/servers.py: sqlite backend, waits for /health, stops by PID
+    from tests.servers import MLflowServer  # tests/servers.py: sqlite backend, waits for /health, stops by PID
 
     with MLflowServer(tmp_path_factory.mktemp("mlflow")) as server:
         yield server

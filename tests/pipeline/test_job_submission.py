@@ -95,7 +95,7 @@ def _submit(cluster, submission_id: str) -> str:
             "--submission-id", submission_id, "--working-dir", str(ROOT),
             "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "runs", "*.db", "mlruns", "data"]}),
             "--", "python", "pipelines/full_paper.py", "--config", str(cluster["config"])]
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while True:
         out = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
         # The dashboard answers before the head's job agent is up; Ray says to try again.
