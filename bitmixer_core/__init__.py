@@ -18,12 +18,12 @@ from .models import available_models, build_model
 from .policies import StagePolicy
 from .quantizer import QuantizerOptions, initial_step_size, quantize, quantize_nested
 from .step_sizes import calibrate_activation_step_sizes, reinitialize_weight_step_sizes
-from .transitional_bn import TransitionalBatchNorm2d
+from .transitional_bn import TransitionalBatchNorm2d, seed_mixed_transitions
 
 __all__ = [
     "quantize", "quantize_nested", "QuantizerOptions", "initial_step_size",
     "BitWidths",
-    "QConv2d", "QLinear", "QuantizedLayerMixin", "TransitionalBatchNorm2d",
+    "QConv2d", "QLinear", "QuantizedLayerMixin", "TransitionalBatchNorm2d", "seed_mixed_transitions",
     "quantized_layers", "set_bits", "get_bits", "set_block_bits", "residual_blocks", "set_quantization",
     "BitAssignment", "apply_assignment",
     "StagePolicy",

@@ -86,6 +86,27 @@ class TransitionalBatchNorm2d(nn.Module):
     def transition(self):
         return self.entry_keys[self._active]
 
+    @torch.no_grad()
+    def seed_mixed_transitions(self) -> int:
+        """Copy each uniform entry (i, i) into the mixed entries (i, j), j != i; returns how many were seeded.
+
+        Stages I and II draw one bit-width for the whole network, so only the (i, i) entries learn; the
+        mixed ones are still at their initial gamma = 1, beta = 0, mean 0, var 1 when Stage III starts.
+        The input of this BN is the output of the previous layer at i bits, so (i, i) holds the statistics
+        closest to those of (i, j): starting there lets the few Stage III updates each pair gets refine
+        rather than build its statistics from nothing."""
+        if self.mode != "transitional":
+            return 0
+        index = {key: k for k, key in enumerate(self.entry_keys)}
+        seeded = 0
+        for k, (i, j) in enumerate(self.entry_keys):
+            source = index.get((i, i))
+            if i == j or source is None:
+                continue
+            self.entries[k].load_state_dict(self.entries[source].state_dict())
+            seeded += 1
+        return seeded
+
     # -- wiring to the model's layers ------------------------------------------------------------
     def wire(self, previous, next) -> None:
         """Remember the layers on each side: a quantized layer, or an int for a fixed-precision side.
@@ -117,3 +138,9 @@ def _side_bits(layer, bit_set: tuple[int, ...]) -> int:
     if not layer.quantize_activations:  # FP32 (teacher) mode: use the (max, max) entry
         return bit_set[-1]
     return layer.bits
+
+
+def seed_mixed_transitions(model: nn.Module) -> int:
+    """Stage III's start: every Transitional BN copies its uniform (i, i) entries into its mixed (i, j) ones
+    (see `TransitionalBatchNorm2d.seed_mixed_transitions`). Returns the number of entries seeded."""
+    return sum(m.seed_mixed_transitions() for m in model.modules() if isinstance(m, TransitionalBatchNorm2d))

@@ -180,6 +180,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # moved since construction, so their step sizes restart from them (LSQ init).
         if payload.get("stage") in ("fp32", "one") and stage in ("two", "three", "fixed"):
             core.reinitialize_weight_step_sizes(net)
+        # Stage III after a stage that drew one bit-width for all layers: its mixed Transitional BN
+        # entries never trained, so they start from the uniform entry of the same input bit-width.
+        if payload.get("stage") in ("one", "two") and stage == "three":
+            core.seed_mixed_transitions(net)
     net.to(device)
 
     train_loader, val_loader = build_loaders(cfg.data, rank=rank, world_size=world_size, device=device,

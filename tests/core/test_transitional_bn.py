@@ -88,3 +88,22 @@ def test_per_bit_mode_keys_by_the_producing_layer():
     set_bits(model, {"layer1.0.conv2": 2, "layer1.0.conv1": 3})
     assert model.layer1[0].bn2.transition == 2
     assert model.bn1.transition == 3
+
+
+def test_stage_three_seeding_copies_uniform_entries_into_mixed_ones():
+    """Stage III must not start its mixed (i, j) entries from the untrained defaults: each takes the
+    statistics and affine parameters of the uniform (i, i) entry, and the uniform entries stay as they were."""
+    from bitmixer_core import TransitionalBatchNorm2d, seed_mixed_transitions
+
+    net = torch.nn.Sequential(TransitionalBatchNorm2d(4, (2, 3, 4)))
+    tbn = net[0]
+    for k, (i, j) in enumerate(tbn.entry_keys):
+        entry = tbn.entries[k]
+        entry.running_mean.fill_(10 * i + j)
+        entry.weight.data.fill_(100 * i + j)
+    assert seed_mixed_transitions(net) == 6
+    for k, (i, j) in enumerate(tbn.entry_keys):
+        assert torch.all(tbn.entries[k].running_mean == 11 * i), (i, j)
+        assert torch.all(tbn.entries[k].weight == 101 * i), (i, j)
+    shared = torch.nn.Sequential(TransitionalBatchNorm2d(4, (2, 3, 4), mode="shared"))
+    assert seed_mixed_transitions(shared) == 0
