@@ -232,6 +232,9 @@ class TrackingSpec(Strict):
     storage_path: str | None = Field(None, description="Default: <work_dir>/ray_results")
     registered_model_prefix: str = "bitmixer"
     register_models: bool = True
+    analysis_plots: bool = Field(True, description="Log Fig. 3/6/7 of each architecture's final Stage III model.")
+    analysis_eigenvalues: bool = Field(False, description="Also Fig. 5 (Hessian power iteration; ~5 s on "
+                                       "resnet_tiny on CPU, much more on ResNet-18).")
 
 
 class PipelineConfig(Strict):

@@ -66,6 +66,10 @@ def execute_node(node: StageNode, upstream: list[StageOutcome], *, parent_run_id
             name = f"{pipeline.tracking.registered_model_prefix}-{pipeline.name}-{node.arch}"
             version = register_final_model(cfg.tracking.tracking_uri, name, outcome.run_id)
             outcome.detail = f"{outcome.detail}; registered as {name} v{version}".lstrip("; ")
+        if node.variant == "main" and node.stage == "three" and pipeline.tracking.analysis_plots:
+            from orchestrator.pipeline.analysis import analyse_final_stage
+            analyse_final_stage(node.arch, outcome, cfg.data, tracking_uri=cfg.tracking.tracking_uri,
+                                eigenvalues=pipeline.tracking.analysis_eigenvalues)
         return outcome
     except Exception as err:  # the summary reports it; later stages of this chain are blocked
         message = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
