@@ -62,6 +62,9 @@ class DataConfig(BaseModel):
     train_resolution: int = Field(default=224, gt=0)
     val_resolution: int = Field(default=224, gt=0)
     val_crop_ratio: float = Field(default=224 / 256, gt=0, le=1)
+    # Area range of the training random-resized crop: ImageNet's (0.08, 1); small images (the 32x32
+    # digits) lose their content at 8 % and want a larger lower bound.
+    train_crop_scale: tuple[float, float] = (0.08, 1.0)
     batch_size: int = Field(default=256, gt=0)
     num_workers: int = Field(default=8, gt=0)
     seed: int = 0
@@ -70,6 +73,14 @@ class DataConfig(BaseModel):
     channels_last: bool = False
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+
+    @field_validator("train_crop_scale")
+    @classmethod
+    def _crop_scale_is_a_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"train_crop_scale must be (low, high) with 0 < low <= high <= 1, got {value}")
+        return value
 
     def resolution_for(self, epoch: int) -> int:
         """The training resolution of `epoch` (constant unless a progressive schedule is set)."""

@@ -173,7 +173,7 @@ def build_train_loader(
     del rank  # FFCV's distributed sampler reads the rank from the process group
     batch = _per_worker_batch(cfg, world_size)
     res = cfg.resolution_for(0)
-    decoder = RandomResizedCropRGBImageDecoder((res, res))
+    decoder = RandomResizedCropRGBImageDecoder((res, res), scale=tuple(cfg.train_crop_scale))
     loader = Loader(
         str(Path(cfg.path) / "train.beton"),
         batch_size=batch,

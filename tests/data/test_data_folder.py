@@ -52,3 +52,16 @@ def test_distributed_without_a_process_group(tmp_path):
     with pytest.raises(DataError, match="needs an initialised torch.distributed process group"):
         build_loaders(DataConfig(path=str(tmp_path)), rank=0, world_size=2, device=torch.device("cpu"),
                       distributed=True)
+
+
+def test_train_crop_scale_must_be_an_ordered_fraction_range():
+    """A crop-scale range outside (0, 1] or with low > high must be rejected, naming the field."""
+    import pytest
+    from pydantic import ValidationError
+
+    from orchestrator.data.config import DataConfig
+
+    assert DataConfig(path="x", train_crop_scale=(0.35, 1.0)).train_crop_scale == (0.35, 1.0)
+    for bad in ((0.0, 1.0), (0.9, 0.5), (0.5, 1.5)):
+        with pytest.raises(ValidationError, match="train_crop_scale"):
+            DataConfig(path="x", train_crop_scale=bad)
