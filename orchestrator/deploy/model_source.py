@@ -74,17 +74,8 @@ def load_model_source(uri: str, tracking_uri: str | None = None) -> LoadedModel:
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, model_name: str, build_kwargs: dict) -> Path:
-    """Write a model.pt in the format above, atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"model_name": model_name, "build_kwargs": build_kwargs,
-               "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write a model.pt in the engine's format, atomically (the engine's writer, with no stage history)."""
+    from orchestrator.engine.checkpoint import save_model_pt
+
+    return save_model_pt(path, net=model, model_name=model_name, build_kwargs=build_kwargs,
+                         stage="export", epoch=0, metrics={})
