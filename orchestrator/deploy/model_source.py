@@ -9,7 +9,6 @@ downloaded with the current tracking URI first.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
