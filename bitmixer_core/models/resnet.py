@@ -58,9 +58,36 @@ class _LayerFactory:
                                        next_bits=next_bits or acts)
 
 
-class BasicBlock(nn.Module):
+class _ResidualBlock(nn.Module):
+    """What both block types share: the shortcut, and which BNs feed the next block."""
+
     bitmixer_block = True
+    output_norm_name = output_conv_name = ""  # the main path's last BN and the conv before it
+
+    def _add_shortcut(self, make: _LayerFactory, cin, cout, stride, next_bits):
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(make.conv(cin, cout, 1, stride), make.norm(cout, next_bits=next_bits))
+        self.relu = nn.ReLU(inplace=True)
+
+    def output_norms(self):
+        """(BN, the conv that produced its input) for the BNs that feed the next block."""
+        out = [(getattr(self, self.output_norm_name), getattr(self, self.output_conv_name))]
+        if self.downsample is not None:
+            out.append((self.downsample[1], self.downsample[0]))
+        return out
+
+    def first_conv(self):
+        return self.conv1
+
+    def _add_identity(self, out, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class BasicBlock(_ResidualBlock):
     expansion = 1
+    output_norm_name, output_conv_name = "bn2", "conv2"
 
     def __init__(self, make: _LayerFactory, cin, width, stride, groups, next_bits=None):
         super().__init__()
@@ -69,34 +96,19 @@ class BasicBlock(nn.Module):
         self.bn1 = make.norm(width)
         self.conv2 = make.conv(width, cout, 3, 1, groups)
         self.bn2 = make.norm(cout, next_bits=next_bits)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(make.conv(cin, cout, 1, stride), make.norm(cout, next_bits=next_bits))
-        self.relu = nn.ReLU(inplace=True)
+        self._add_shortcut(make, cin, cout, stride, next_bits)
 
     def internal_transitions(self):
         return [(self.bn1, self.conv1, self.conv2)]
 
-    def output_norms(self):
-        """(BN, the conv that produced its input) for the BNs that feed the next block."""
-        out = [(self.bn2, self.conv2)]
-        if self.downsample is not None:
-            out.append((self.downsample[1], self.downsample[0]))
-        return out
-
-    def first_conv(self):
-        return self.conv1
-
     def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        return self._add_identity(self.bn2(self.conv2(out)), x)
 
 
-class Bottleneck(nn.Module):
-    bitmixer_block = True
+class Bottleneck(_ResidualBlock):
     expansion = 4
+    output_norm_name, output_conv_name = "bn3", "conv3"
 
     def __init__(self, make: _LayerFactory, cin, width, stride, groups, next_bits=None):
         super().__init__()
@@ -107,29 +119,15 @@ class Bottleneck(nn.Module):
         self.bn2 = make.norm(width)
         self.conv3 = make.conv(width, cout, 1)
         self.bn3 = make.norm(cout, next_bits=next_bits)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(make.conv(cin, cout, 1, stride), make.norm(cout, next_bits=next_bits))
-        self.relu = nn.ReLU(inplace=True)
+        self._add_shortcut(make, cin, cout, stride, next_bits)
 
     def internal_transitions(self):
         return [(self.bn1, self.conv1, self.conv2), (self.bn2, self.conv2, self.conv3)]
 
-    def output_norms(self):
-        out = [(self.bn3, self.conv3)]
-        if self.downsample is not None:
-            out.append((self.downsample[1], self.downsample[0]))
-        return out
-
-    def first_conv(self):
-        return self.conv1
-
     def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        return self._add_identity(self.bn3(self.conv3(out)), x)
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
