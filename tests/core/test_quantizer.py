@@ -130,7 +130,7 @@ def test_float32_step_size_gradient_is_accurate_on_large_tensors():
         magnitude = ((gd * vc.floor() * ad).abs().sum() + (gd * inside * xd).abs().sum()) / ad * scale
         bound = lam * math.sqrt(x.numel()) * u * magnitude.item() + 4 * u * abs(expected.item())
         assert abs(alpha.grad.item() - expected.item()) <= bound, (bits, alpha.grad.item(), expected.item(), bound)
-        assert bound < 1e-2 * abs(expected.item())  # tight enough that a wrong or missing term would fail
+        assert bound < 0.05 * abs(expected.item())  # tight enough that a wrong sign or a lost term fails
 
 
 def test_gradient_numel_sets_the_lsq_scale():
