@@ -80,7 +80,9 @@ def _experiment(client, name: str, tracking_uri: str, work_dir: Path) -> str:
 
 def log_tables(client, run_id: str, tables: list[Table], work_dir: Path) -> None:
     """Each table as log_table JSON (the MLflow UI's table view), Markdown and CSV on the pipeline run,
-    and the same files under <work_dir>/tables (written to a temp name, then renamed)."""
+    and the same files under <work_dir>/tables (written to a temp name, then renamed). The tables' Markdown
+    is also the run's description, so Table 7 is on the run's Overview page."""
+    client.set_tag(run_id, "mlflow.note.content", render_markdown(tables))
     out = work_dir / "tables"
     out.mkdir(parents=True, exist_ok=True)
     for table in tables:

@@ -5,6 +5,9 @@ key ("4", "3", "2", "1", "rand"). Variants are the names the pipeline plan gives
 `independent_<b>`, `no_transitional_bn`, `teacher_<t>`, `bits_4321`, `ternary_binary`, `asymmetric`,
 `asymmetric_round`). Every table renders as Markdown, CSV and a column dict for `mlflow.log_table`;
 each of our columns is followed by the paper's figure, labelled as the paper's (ImageNet top-1, %).
+
+Column names hold no ".", "[" or "]": the MLflow UI's table view reads such a name as a path into the row
+and shows the column empty. Figures show with one decimal and a missing one as "–" (an empty CSV cell).
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ PerBit = dict[str, float]
 Outcomes = dict[tuple[str, str, str], PerBit]
 
 PAPER = "paper, ImageNet"
+MISSING = "–"
+UNSAFE_IN_COLUMN_NAMES = ".[]"  # the MLflow UI's table view reads these as a path into the row
 
 # Table 7: architecture -> method -> bit key -> top-1 (%). AdaBits' ResNet-50 figures are taken from [21].
 PAPER_TABLE7: dict[str, dict[str, dict[str, float]]] = {
@@ -64,7 +69,26 @@ PAPER_TABLE5 = {"symmetric": {"4": 69.1, "3": 68.5, "2": 65.1},
                 "asymmetric": {"4": 69.2, "3": 68.5, "2": 65.2},
                 "asymmetric_round": {"4": 69.2, "3": 68.6, "2": 65.2}}
 
-BIT_LABELS = {"4": "4", "3": "3", "2": "2", "1": "1", "rand": "Rand."}
+BIT_LABELS = {"4": "4", "3": "3", "2": "2", "1": "1", "rand": "Rand."}      # row labels (cells)
+BIT_COLUMNS = {"4": "4", "3": "3", "2": "2", "1": "1", "rand": "Rand"}        # column-name labels
+
+
+def check_column_name(name: str) -> str:
+    """`name` unchanged if the MLflow table view can show its column; else a ValueError naming it."""
+    bad = [c for c in UNSAFE_IN_COLUMN_NAMES if c in name]
+    if bad:
+        raise ValueError(f"table column {name!r} holds {''.join(bad)!r}, which the MLflow UI's table view reads "
+                         f"as a path and shows empty; name the column without '.', '[' or ']'.")
+    return name
+
+
+def format_cell(value: str | Cell) -> str:
+    """A cell as shown: figures with one decimal, a missing figure as "–", labels as they are."""
+    if value is None:
+        return MISSING
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
 
 
 @dataclass
@@ -77,12 +101,14 @@ class Table:
     rows: list[list[str | Cell]] = field(default_factory=list)
     note: str = ""
 
+    def __post_init__(self) -> None:
+        for column in self.columns:
+            check_column_name(column)
+
     def to_markdown(self) -> str:
-        def cell(v: str | Cell) -> str:
-            return "-" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)
         lines = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |",
                  "|" + "|".join("---" for _ in self.columns) + "|"]
-        lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in self.rows]
+        lines += ["| " + " | ".join(format_cell(v) for v in row) + " |" for row in self.rows]
         if self.note:
             lines += ["", self.note]
         return "\n".join(lines) + "\n"
@@ -92,12 +118,13 @@ class Table:
         writer = csv.writer(out)
         writer.writerow(self.columns)
         for row in self.rows:
-            writer.writerow(["" if v is None else round(v, 2) if isinstance(v, float) else v for v in row])
+            writer.writerow(["" if v is None else format_cell(v) for v in row])
         return out.getvalue()
 
-    def to_dict(self) -> dict[str, list]:
-        """Column name -> values, the form `mlflow.log_table(data=...)` takes."""
-        return {c: [row[i] for row in self.rows] for i, c in enumerate(self.columns)}
+    def to_dict(self) -> dict[str, list[str]]:
+        """Column name -> cells as shown (one decimal, "–" for missing; never null), the form
+        `mlflow.log_table(data=...)` takes."""
+        return {c: [format_cell(row[i]) for row in self.rows] for i, c in enumerate(self.columns)}
 
 
 def _pair(label: str) -> list[str]:
@@ -106,12 +133,13 @@ def _pair(label: str) -> list[str]:
 
 def table7(outcomes: Outcomes, architectures: list[str], bit_keys: list[str]) -> Table:
     """Table 7: architecture x {bits..., Rand.} x {Indep., Stage II, Stage III}, AdaBits from the paper."""
-    columns = ["Arch.", "#bits", *_pair("Indep."), f"AdaBits [21] ({PAPER})", *_pair("Stage II"),
+    columns = ["Architecture", "Bits", *_pair("Independent"), f"AdaBits ({PAPER})", *_pair("Stage II"),
                *_pair("Stage III")]
     table = Table("table7", "Table 7: top-1 (%) per bit-width, Independent vs. Bit-Mixer Stage II and III",
-                  columns, note=f"Columns marked ({PAPER}) are the paper's ImageNet figures; toy architectures "
-                                f"are shown beside the paper's nearest network. Indep. = one network per "
-                                f"fixed bit-width; Rand. = every layer's bit-width redrawn at every batch.")
+                  columns, note=f"Columns marked ({PAPER}) are the paper's ImageNet figures (AdaBits: [21]); toy "
+                                f"architectures are shown beside the paper's nearest network. Independent = one "
+                                f"network per fixed bit-width; Rand. = every layer's bit-width redrawn at every "
+                                f"batch; {MISSING} = no figure.")
     for arch in architectures:
         ref = PAPER_COUNTERPART.get(arch, arch)
         paper = PAPER_TABLE7.get(ref, {})
@@ -139,7 +167,7 @@ def _rows(table: Table, specs: list[tuple[list[str], PerBit | None, dict]], keys
 def _bit_columns(keys: list[str], labels: dict[str, str] | None = None) -> list[str]:
     cols: list[str] = []
     for key in keys:
-        cols += _pair((labels or BIT_LABELS)[key])
+        cols += _pair((labels or BIT_COLUMNS)[key])
     return cols
 
 
@@ -180,10 +208,11 @@ def table3(outcomes: Outcomes, arch: str) -> Table:
 
 def table4(outcomes: Outcomes, arch: str) -> Table:
     keys = ["4", "3", "2", "rand"]
-    labels = {"4": "4", "3": "3", "2": "1.5*", "rand": "Rand."}
+    labels = {"4": "4", "3": "3", "2": "A2 W1*", "rand": "Rand"}
     t = Table("table4", f"Table 4: {arch}, activations {{2,3,4}} / weights {{1,3,4}} (top-1 %)",
               ["Method", *_bit_columns(keys, labels)],
-              note="1.5* = binary-ternary: 2-bit (ternary) activations with 1-bit (binary) weights.")
+              note="A2 W1* = the paper's 1.5* column, binary-ternary: 2-bit (ternary) activations with "
+                   "1-bit (binary) weights.")
     return _rows(t, [(["Adabits [21]"], None, PAPER_TABLE4["adabits"]),
                      (["Ours - Stage II"], outcomes.get((arch, "ternary_binary", "two")), PAPER_TABLE4["two"]),
                      (["Ours - Stage III"], outcomes.get((arch, "ternary_binary", "three")), PAPER_TABLE4["three"])],

@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import io
 
-from orchestrator.pipeline.paper_tables import (PAPER, PAPER_TABLE2, PAPER_TABLE7, build_tables, table2,
-                                                table3, table7)
+import pytest
+
+from orchestrator.pipeline.paper_tables import (MISSING, PAPER, PAPER_TABLE2, PAPER_TABLE7, Table, build_tables,
+                                                table2, table3, table7)
 
 OUTCOMES = {
     ("resnet_tiny", "main", "two"): {"4": 91.0, "3": 90.0, "2": 85.0},
@@ -27,29 +29,50 @@ def test_table7_puts_each_figure_beside_the_papers():
     t = table7(OUTCOMES, ["resnet_tiny", "resnet50"], ["4", "3", "2"])
     col = {c: i for i, c in enumerate(t.columns)}
     row = _row(t, "resnet_tiny (paper: ResNet-18)", "4")
-    assert row[col["Indep. (ours)"]] == 92.0 and row[col[f"Indep. ({PAPER})"]] == 69.1
+    assert row[col["Independent (ours)"]] == 92.0 and row[col[f"Independent ({PAPER})"]] == 69.1
     assert row[col["Stage II (ours)"]] == 91.0 and row[col[f"Stage II ({PAPER})"]] == 69.4
     assert row[col["Stage III (ours)"]] == 90.5 and row[col[f"Stage III ({PAPER})"]] == 69.2
     rand = _row(t, "resnet_tiny (paper: ResNet-18)", "Rand.")
     assert rand[col["Stage III (ours)"]] == 87.0 and rand[col[f"Stage III ({PAPER})"]] == 65.8
     assert rand[col["Stage II (ours)"]] is None  # Stage II has no layer-wise random figure
     r50 = _row(t, "resnet50", "2")
-    assert r50[col[f"AdaBits [21] ({PAPER})"]] == PAPER_TABLE7["resnet50"]["adabits"]["2"] == 73.3
+    assert r50[col[f"AdaBits ({PAPER})"]] == PAPER_TABLE7["resnet50"]["adabits"]["2"] == 73.3
     assert r50[col["Stage II (ours)"]] is None
     assert len(t.rows) == 2 * 4
 
 
 def test_renderings_agree():
-    """Markdown, CSV and the log_table dict must hold the same cells (missing ones as '-' / empty / None)."""
-    t = table7(OUTCOMES, ["resnet_tiny"], ["4", "3", "2"])
+    """Markdown, CSV and the log_table dict must hold the same cells, with one decimal; a missing figure is
+    '–' in Markdown and the table view, an empty CSV cell, and never null."""
+    t = table7({**OUTCOMES, ("resnet_tiny", "main", "two"): {"4": 91.04, "3": 90.0, "2": 85.0}},
+               ["resnet_tiny"], ["4", "3", "2"])
     rows = list(csv.reader(io.StringIO(t.to_csv())))
     assert rows[0] == t.columns and len(rows) == 1 + len(t.rows)
     assert rows[1][t.columns.index("Stage II (ours)")] == "91.0"
+    assert rows[2][t.columns.index("Independent (ours)")] == ""
     data = t.to_dict()
-    assert list(data) == t.columns and data["Stage II (ours)"][0] == 91.0
+    assert list(data) == t.columns and data["Stage II (ours)"][0] == "91.0"
+    assert data["Independent (ours)"][1] == MISSING
+    assert all(isinstance(v, str) for values in data.values() for v in values)  # no null, no 91.0400001
     md = t.to_markdown()
     assert "| resnet_tiny (paper: ResNet-18) | 4 | 92.0 | 69.1 | 69.2 | 91.0 | 69.4 | 90.5 | 69.2 |" in md
-    assert "| resnet_tiny (paper: ResNet-18) | 3 | - | 68.5 |" in md
+    assert f"| resnet_tiny (paper: ResNet-18) | 3 | {MISSING} | 68.5 |" in md
+
+
+def test_column_names_render_in_the_mlflow_table_view():
+    """The MLflow UI's table view shows a column whose name holds '.', '[' or ']' as empty (it reads the name
+    as a path): no table may have such a column, and a Table that names one is refused."""
+    tables = build_tables(OUTCOMES, architectures=["resnet_tiny", "resnet50"], bit_keys=["4", "3", "2"],
+                          ablation_arch="resnet_tiny", main_teacher="none",
+                          ablations=dict.fromkeys(["no_transitional_bn", "teachers", "bits_4321",
+                                                   "ternary_binary", "quantizers"], True))
+    assert [t.name for t in tables] == ["table7", "table1", "table2", "table3", "table4", "table5"]
+    for table in tables:
+        for column in table.to_dict():
+            assert not set(column) & set(".[]"), (table.name, column)
+    assert tables[0].columns[:2] == ["Architecture", "Bits"]
+    with pytest.raises(ValueError, match="Arch."):
+        Table("t", "t", ["Arch.", "4"])
 
 
 def test_table2_main_chain_fills_its_own_teacher_row():
