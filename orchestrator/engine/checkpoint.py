@@ -4,11 +4,17 @@
 
 It is what the next stage starts from, what a teacher or an export loads, and what MLflow keeps. Written to
 a temporary name and renamed, so a reader never sees half a file.
+
+A model file is data, never code: it holds tensors and plain Python data only, and every reader (init_from,
+the teacher, find_subnets.py, export.py) goes through `read_model_file`, which loads with torch's weights_only
+unpickler. `resolve_model_pt` is the one resolver of model references (local path, runs:/, models:/, s3://).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 
@@ -16,6 +22,7 @@ import torch
 from torch import nn
 
 import bitmixer_core as core
+from orchestrator.tracking.credentials import redact_uri
 
 MODEL_FILE = "model.pt"
 
@@ -58,10 +65,30 @@ def state_dict_digest(state_dict: dict) -> str:
     return digest.hexdigest()
 
 
+class UnsafeModelFile(ValueError):
+    """A model file that holds more than tensors and plain data (loading it could run code)."""
+
+
+# Where a model reference may point: a local path, an MLflow run or registered model, or an S3 object.
+ACCEPTED_SOURCES = "a local path, runs:/<run_id>/model.pt, models:/<name>/<version> or s3://bucket/key"
+_MLFLOW_SOURCES = ("runs:/", "models:/", "s3://")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")
+
+
+def check_model_reference(uri: str) -> str:
+    """`uri` itself if it is a local path or an accepted URI; any other scheme (http, file, ftp, ...) gets a
+    sentence naming the accepted ones (read before anything is downloaded)."""
+    if _SCHEME.match(uri) and not uri.startswith(_MLFLOW_SOURCES):
+        raise ValueError(f"model reference {redact_uri(uri)!r} uses a source the pipeline does not read "
+                         f"models from; give {ACCEPTED_SOURCES}.")
+    return uri
+
+
 def resolve_model_pt(uri: str, tracking_uri: str | None = None) -> Path:
-    """A local model.pt from a path (a file or a folder holding model.pt) or an MLflow artifact URI
-    (runs:/<run>/model.pt, mlflow-artifacts:/..., models:/...), downloaded with the current tracking URI."""
-    if "://" not in uri and not uri.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+    """A local model.pt from a path (a file or a folder holding model.pt) or an accepted URI (runs:/<run>/model.pt,
+    models:/..., s3://...), downloaded with the given (else the current) tracking URI."""
+    uri = check_model_reference(str(uri))
+    if not uri.startswith(_MLFLOW_SOURCES):
         path = Path(uri)
         if path.is_dir():
             path = path / MODEL_FILE
@@ -71,11 +98,39 @@ def resolve_model_pt(uri: str, tracking_uri: str | None = None) -> Path:
         return path
     import mlflow
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
-    return local / MODEL_FILE if local.is_dir() else local
+    if local.is_dir():
+        if not (local / MODEL_FILE).is_file():
+            raise FileNotFoundError(f"{redact_uri(uri)!r} holds no {MODEL_FILE}; name the checkpoint file itself.")
+        local = local / MODEL_FILE
+    return local
+
+
+def read_model_file(path: str | os.PathLike, shown: str | None = None) -> dict:
+    """A local model.pt as plain data: tensors, dicts, lists, strings and numbers only (torch's weights_only
+    unpickler, which refuses every other object instead of running its constructor)."""
+    shown = redact_uri(shown if shown is not None else str(path))
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower():
+            raise UnsafeModelFile(
+                f"model file {shown!r} holds Python objects besides tensors and plain data, so it was not "
+                f"loaded (unpickling them could run code); only load model files the pipeline wrote, or "
+                f"re-save the weights with orchestrator.engine.checkpoint.save_model_pt.") from None
+        raise ValueError(f"{shown!r} is not a model.pt checkpoint ({err}).") from None
+    except Exception as err:  # torch raises many kinds for a file that is not a checkpoint
+        raise ValueError(f"{shown!r} is not a model.pt checkpoint ({type(err).__name__}: {err}).") from None
+    missing = [k for k in ("model_name", "build_kwargs", "state_dict")
+               if not isinstance(payload, dict) or k not in payload]
+    if missing:
+        raise ValueError(f"checkpoint {shown!r} lacks {missing}; it must be a dict with model_name, build_kwargs "
+                         "and state_dict (the engine's consolidated model.pt).")
+    return payload
 
 
 def read_model_pt(uri: str, tracking_uri: str | None = None) -> dict:
-    return torch.load(resolve_model_pt(uri, tracking_uri), map_location="cpu", weights_only=False)
+    """The payload of the model.pt named by `uri` (see resolve_model_pt), read as data only."""
+    return read_model_file(resolve_model_pt(uri, tracking_uri), shown=str(uri))
 
 
 def load_model(uri: str, tracking_uri: str | None = None) -> nn.Module:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from orchestrator.tracking.credentials import credentials_to_environment
+
 
 def default_tracking_uri() -> str:
     """The local default: a sqlite store in the working folder (MLflow refuses a plain file store)."""
@@ -13,7 +15,13 @@ def default_tracking_uri() -> str:
 
 
 class TrackingConfig(BaseModel):
-    """MLflow settings of one stage; only rank 0 talks to the tracking server."""
+    """MLflow settings of one stage; only rank 0 talks to the tracking server.
+
+    A tracking URI with credentials (`http://user:password@host:5000`) is split when the config is read: the
+    credentials go to MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD of this process (MLflow reads
+    them there; the Ray it starts inherits them) and `tracking_uri` keeps the URI without them, so they never
+    reach a param, a config artifact, a log line or the config hash.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -29,6 +37,7 @@ class TrackingConfig(BaseModel):
     @field_validator("tracking_uri")
     @classmethod
     def _known_scheme(cls, uri: str) -> str:
+        uri = credentials_to_environment(uri)
         if not uri.startswith(("http://", "https://", "sqlite:///", "databricks", "file:")):
             raise ValueError(f"tracking_uri {uri!r} is not an MLflow tracking URI; use http://host:port "
                              f"of an MLflow server or sqlite:///path/to/mlruns.db")
