@@ -18,6 +18,8 @@ import ffcv.writer
 from ffcv.fields import IntField, RGBImageField
 from tqdm import tqdm
 
+from orchestrator import atomic
+
 from .config import WriterConfig
 from .errors import DataError
 
@@ -25,9 +27,7 @@ IMAGE_FIELD = "image"
 LABEL_FIELD = "label"
 
 
-def temporary_name(final: Path) -> Path:
-    # Same folder (so the rename is atomic), never ending in `.beton`, unique per process.
-    return final.with_name(f"{final.name}.tmp-{os.getpid()}")
+temporary_name = atomic.temporary_name  # same folder, never ending in `.beton`, unique per process
 
 
 def ensure_writable_folder(out: str | Path) -> Path:
@@ -48,9 +48,7 @@ def ensure_writable_folder(out: str | Path) -> Path:
 
 def write_atomically(final: Path, content: str) -> None:
     """Small text files (classes.json, markers) get the same temp-then-rename guarantee."""
-    temporary = temporary_name(final)
-    temporary.write_text(content)
-    os.replace(temporary, final)
+    atomic.write_text(final, content)
 
 
 def write_json(final: Path, data: Any) -> None:
@@ -89,7 +87,6 @@ def write_beton(
     "jpg" or "raw".
     """
     final = Path(final)
-    temporary = temporary_name(final)
     fields = {
         IMAGE_FIELD: RGBImageField(
             write_mode=write_mode,
@@ -101,20 +98,18 @@ def write_beton(
     }
     workers = max(1, min(writer.workers, len(dataset) // 100 or 1))
     try:
-        with _progress_in_images(desc):
-            ffcv.writer.DatasetWriter(
-                str(temporary), fields, page_size=writer.page_size, num_workers=workers
-            ).from_indexed_dataset(dataset, chunksize=100)
-        failures = getattr(dataset, "failures", None)
-        if failures is not None and failures.value:
-            raise DataError(
-                f"{failures.value} images of {final.name} could not be read while writing although they "
-                "passed the check before; make sure the source folder does not change during the conversion."
-            )
-        os.replace(temporary, final)
+        with atomic.atomic_path(final) as temporary:
+            with _progress_in_images(desc):
+                ffcv.writer.DatasetWriter(
+                    str(temporary), fields, page_size=writer.page_size, num_workers=workers
+                ).from_indexed_dataset(dataset, chunksize=100)
+            failures = getattr(dataset, "failures", None)
+            if failures is not None and failures.value:
+                raise DataError(
+                    f"{failures.value} images of {final.name} could not be read while writing although they "
+                    "passed the check before; make sure the source folder does not change during the conversion."
+                )
     except BaseException:
         _stop_writer_processes()
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
         raise
     return final

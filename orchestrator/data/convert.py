@@ -2,13 +2,18 @@
 
 Order of work: check the tree (classes, empty classes), check that every image decodes (unreadable ones are
 skipped, counted and listed in `OUT/skipped.txt`; more than `max_bad_fraction` of them fails the run),
-then write each split under a temporary name and rename it, and `classes.json` last.
+then write both splits and `classes.json` into a staging folder beside OUT (`OUT.staging-<pid>`) and rename
+it into place: OUT holds the old data set or the new one, never a mix (a conversion that fails on val after
+a good one leaves the old folder as it was). What a killed conversion left behind (`*.tmp-<pid>` files,
+staging folders) is removed when the next one starts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from orchestrator import atomic
 
 from .beton import ensure_writable_folder, write_atomically, write_beton, write_json
 from .config import WriterConfig
@@ -36,6 +41,8 @@ def _drop_unreadable(split: str, samples: list[Sample], bad: set[Path], classes:
 
 def convert_image_folder(src: str | Path, out: str | Path, writer: WriterConfig) -> ConversionSummary:
     out = ensure_writable_folder(out)
+    atomic.remove_stale(out)
+    atomic.remove_stale(out.parent, prefix=out.name)
     classes, splits = scan_image_folder(src)
 
     skipped: list[tuple[Path, str]] = []
@@ -51,10 +58,11 @@ def convert_image_folder(src: str | Path, out: str | Path, writer: WriterConfig)
         )
 
     bad = {path for path, _ in skipped}
+    kept = {split: _drop_unreadable(split, splits[split], bad, classes) for split in SPLITS}  # both, first
     written = {}
-    for split in SPLITS:
-        samples = _drop_unreadable(split, splits[split], bad, classes)
-        write_beton(ImageSamples(samples), out / f"{split}.beton", writer, desc=f"writing {split}")
-        written[split] = len(samples)
-    write_json(out / "classes.json", classes)
+    with atomic.staged_folder(out, drop=(".complete",)) as staging:
+        for split in SPLITS:
+            write_beton(ImageSamples(kept[split]), staging / f"{split}.beton", writer, desc=f"writing {split}")
+            written[split] = len(kept[split])
+        write_json(staging / "classes.json", classes)
     return ConversionSummary(classes=classes, written=written, skipped=skipped)

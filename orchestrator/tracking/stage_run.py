@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from orchestrator.tracking.credentials import redact_tree
+
 TAG_STAGE = "bitmixer.stage"
 TAG_ARCHITECTURE = "bitmixer.architecture"
 TAG_CONFIG_HASH = "bitmixer.config_hash"
@@ -77,6 +79,7 @@ def open_stage_run(*, tracking_uri: str, experiment: str, run_name: str, parent_
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id(tracking_uri, experiment), tags=all_tags, run_name=run_name)
     run_id = run.info.run_id
+    resolved_config = redact_tree(resolved_config)  # no URI credentials in a param or in config/stage.yaml
     params = [Param(k, v[:6000]) for k, v in sorted(flatten(resolved_config).items())]
     for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run_id, params=params[start:start + 100])
