@@ -114,12 +114,14 @@ def run_pipeline(cfg: PipelineConfig, *, log=print) -> PipelineReport:
     from orchestrator.engine.stage import torch_extensions_dir
     from orchestrator.tracking.reachability import check_tracking_reachable
     from orchestrator.tracking.config import TrackingConfig
+    from orchestrator.tracking.credentials import (PASSWORD_VARIABLE, USERNAME_VARIABLE, credentials_to_environment,
+                                                   redact_text, redact_tree)
     from orchestrator.tracking.stage_run import flatten
 
     started = time.monotonic()
     work_dir = cfg.resolved_work_dir()
     work_dir.mkdir(parents=True, exist_ok=True)
-    tracking_uri = cfg.resolved_tracking_uri()
+    tracking_uri = credentials_to_environment(cfg.resolved_tracking_uri())  # user:password@ -> MLflow variables
     check_tracking_reachable(TrackingConfig(tracking_uri=tracking_uri, experiment=cfg.tracking.experiment))
     data_path = prepare_data(cfg, work_dir)
     plan = build_plan(cfg, data_path=data_path, tracking_uri=tracking_uri)
@@ -138,14 +140,16 @@ def run_pipeline(cfg: PipelineConfig, *, log=print) -> PipelineReport:
     started_ray = False
     try:
         from mlflow.entities import Param
-        params = [Param(k, v[:6000]) for k, v in sorted(flatten(resolved).items())]
+        params = [Param(k, v[:6000]) for k, v in sorted(flatten(redact_tree(resolved)).items())]
         for i in range(0, len(params), 100):
             client.log_batch(run_id, params=params[i:i + 100])
-        client.log_text(run_id, dump_pipeline_config(cfg), "config/pipeline.yaml")
+        client.log_text(run_id, redact_text(dump_pipeline_config(cfg)), "config/pipeline.yaml")
 
         env_vars = {"MLFLOW_TRACKING_URI": tracking_uri, "TORCH_EXTENSIONS_DIR": torch_extensions_dir(),
                     "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
                     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+        # Tracking credentials reach the stage tasks and their workers through the environment only.
+        env_vars.update({k: os.environ[k] for k in (USERNAME_VARIABLE, PASSWORD_VARIABLE) if k in os.environ})
         if not cfg.scaling.use_gpu and not (os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID")):
             env_vars["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
         started_ray = _connect_ray(env_vars)
