@@ -3,10 +3,10 @@ whose workers run `worker.train_loop_per_worker`, fetch the consolidated model.p
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator import atomic
 from orchestrator.engine.checkpoint import MODEL_FILE
 from orchestrator.engine.config import StageConfig, config_hash
 from orchestrator.tracking.reachability import check_tracking_reachable
@@ -20,7 +20,7 @@ class StageResult:
 
     name: str
     model_path: str  # consolidated model.pt on the driver's filesystem
-    metrics: dict  # last reported metrics: per-bit top1/top5, rand_top1_mean/std, train_loss, ...
+    metrics: dict  # last reported metrics: val/top1_<b>bit, val/rand_top1_mean, train_loss, ...
     mlflow_run_id: str
     checkpoint_dir: str  # Ray's last checkpoint (local folder or s3://...)
     config_hash: str = ""
@@ -45,12 +45,8 @@ def _ensure_ray(cfg: StageConfig) -> None:
 
 def _fetch_model_pt(checkpoint, destination: Path) -> Path:
     """Copy model.pt out of Ray's checkpoint (local folder or S3) to `destination`, atomically."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = destination.with_name(f".{destination.name}.tmp")
-    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{MODEL_FILE}") as src, open(tmp, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    os.replace(tmp, destination)
-    return destination
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{MODEL_FILE}") as src:
+        return atomic.copy_file(src, destination)
 
 
 def run_stage(cfg: StageConfig) -> StageResult:
@@ -103,7 +99,6 @@ def run_stage(cfg: StageConfig) -> StageResult:
             print(f"[{cfg.name}] could not mark MLflow run {run_id} FAILED: {err}", flush=True)
         raise
     digests = metrics.pop("subnet_digests", [])
-    close_stage_run(cfg.tracking.tracking_uri, run_id, succeeded=True,
-                    final_metrics={k: v for k, v in metrics.items() if k.startswith(("top", "rand_", "train_loss"))})
+    close_stage_run(cfg.tracking.tracking_uri, run_id, succeeded=True)
     return StageResult(name=cfg.name, model_path=str(model_path), metrics=metrics, mlflow_run_id=run_id,
                        checkpoint_dir=checkpoint_dir, config_hash=digest, subnet_digests=digests)

@@ -108,14 +108,19 @@ def _recorded(snapshot: Path, epoch: int) -> bool:
 
 def _record_epoch(cfg: StageConfig, logger, net, folder: Path, metrics: dict, table: dict | None, *,
                   last: bool) -> None:
-    """Rank 0: the consolidated model.pt beside the DeepSpeed shards, MLflow metrics and tables (model.pt
-    as an artifact at the end), and one progress line."""
+    """Rank 0: the consolidated model.pt beside the DeepSpeed shards, MLflow metrics (grouped names, step =
+    epoch; an Independent network only at its own bit-width) and tables (model.pt as an artifact at the end),
+    and one progress line."""
     from orchestrator.engine.checkpoint import MODEL_FILE, save_model_pt
+    from orchestrator.engine.evaluation import own_bit_rows, tracked_metrics
     scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
     model_pt = save_model_pt(folder / MODEL_FILE, net=net, model_name=cfg.model.name,
                              build_kwargs=cfg.model.build_kwargs(), stage=cfg.policy.stage,
                              epoch=metrics["epoch"], metrics=scalars)
-    logger.metrics({k: v for k, v in scalars.items() if k != "epoch"}, step=metrics["epoch"])
+    fixed_bits = cfg.policy.fixed_bits if cfg.policy.stage == "fixed" else None
+    logger.metrics(tracked_metrics(scalars, fixed_bits=fixed_bits), step=metrics["epoch"])
+    if table is not None and fixed_bits is not None:
+        table = own_bit_rows(table, fixed_bits)
     if table is not None:
         logger.table(table, f"results/per_bit_epoch{metrics['epoch']:03d}.json")
     if last:
@@ -126,13 +131,16 @@ def _record_epoch(cfg: StageConfig, logger, net, folder: Path, metrics: dict, ta
 
 def progress_line(cfg: StageConfig, metrics: dict) -> str:
     """One line per epoch: loss, lr, top-1 at every bit-width and Rand. when evaluated, time."""
+    from orchestrator.engine.evaluation import RAND_TOP1, TOP1_FP32, top1_key
     text = (f"[{cfg.name}] epoch {metrics['epoch'] + 1}/{cfg.optim.epochs} loss {metrics['train_loss']:.4f} "
             f"lr {metrics['lr']:.2e}")
-    if "top1_fp32" in metrics:
-        text += f" top1 fp32 {metrics['top1_fp32']:.1f}%"
-    elif "rand_top1_mean" in metrics:
-        text += (" top1 " + "/".join(f"{b}b {metrics[f'top1_b{b}']:.1f}" for b in cfg.model.bits_activations)
-                 + f" rand {metrics['rand_top1_mean']:.1f}%")
+    if TOP1_FP32 in metrics:
+        text += f" top1 fp32 {metrics[TOP1_FP32]:.1f}%"
+    elif cfg.policy.stage == "fixed" and top1_key(cfg.policy.fixed_bits) in metrics:
+        text += f" top1 {cfg.policy.fixed_bits}b {metrics[top1_key(cfg.policy.fixed_bits)]:.1f}%"
+    elif RAND_TOP1 in metrics:
+        text += (" top1 " + "/".join(f"{b}b {metrics[top1_key(b)]:.1f}" for b in cfg.model.bits_activations)
+                 + f" rand {metrics[RAND_TOP1]:.1f}%")
     return text + f" time {metrics['epoch_time_s']:.1f}s"
 
 

@@ -34,10 +34,11 @@ def model_uri(run_id: str) -> str:
 
 
 def per_bit_top1(metrics: dict, bits: list[int]) -> dict[str, float]:
-    """The engine's flat metrics (top1_b4, rand_top1_mean, ...) as the tables' bit keys ("4", "rand")."""
-    out = {str(b): float(metrics[f"top1_b{b}"]) for b in bits if f"top1_b{b}" in metrics}
-    if "rand_top1_mean" in metrics:
-        out["rand"] = float(metrics["rand_top1_mean"])
+    """The engine's metrics (val/top1_4bit, val/rand_top1_mean, ...) as the tables' bit keys ("4", "rand")."""
+    from orchestrator.engine.evaluation import RAND_TOP1, top1_key
+    out = {str(b): float(metrics[top1_key(b)]) for b in bits if top1_key(b) in metrics}
+    if RAND_TOP1 in metrics:
+        out["rand"] = float(metrics[RAND_TOP1])
     return out
 
 
@@ -51,8 +52,6 @@ def finished_outcome(key: str, tracking_uri: str, experiment: str, digest: str) 
     if run_id is None:
         return None
     run = MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
-    # close_stage_run logs the last evaluation as final_<name>; per-epoch metrics keep their names.
-    metrics = dict(run.data.metrics)
-    metrics.update({k.removeprefix("final_"): v for k, v in run.data.metrics.items() if k.startswith("final_")})
+    metrics = dict(run.data.metrics)  # each metric's latest value: the stage's last evaluation
     return StageOutcome(key=key, status=SKIPPED, run_id=run_id, model_uri=model_uri(run_id), metrics=metrics,
                         config_hash=digest, detail=f"found FINISHED in MLflow (run {run_id[:8]})")

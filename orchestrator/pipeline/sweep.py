@@ -15,6 +15,7 @@ import threading
 import time
 
 from orchestrator.engine.config import StageConfig, config_hash
+from orchestrator.engine.evaluation import RAND_TOP1, top1_key
 from orchestrator.pipeline.config import SweepSpec
 from orchestrator.pipeline.outcome import FINISHED, SKIPPED, StageOutcome, finished_outcome, model_uri
 
@@ -23,8 +24,8 @@ TAG_SWEEP = "bitmixer.sweep_of"
 
 def objective(metrics: dict, bits: list[int], name: str) -> float | None:
     """The sweep's score of one evaluation (None when the evaluation is not in `metrics`)."""
-    per_bit = [metrics.get(f"top1_b{b}") for b in bits]
-    rand = metrics.get("rand_top1_mean")
+    per_bit = [metrics.get(top1_key(b)) for b in bits]
+    rand = metrics.get(RAND_TOP1)
     if name == "rand":
         return rand
     if name == "lowest_bit":
@@ -60,7 +61,7 @@ def _evaluations(cfg: StageConfig, run_id: str, bits: list[int], name: str) -> d
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
     by_epoch: dict[int, dict] = {}
-    for key in [*(f"top1_b{b}" for b in bits), "rand_top1_mean"]:
+    for key in [*(top1_key(b) for b in bits), RAND_TOP1]:
         for m in client.get_metric_history(run_id, key):
             by_epoch.setdefault(m.step, {})[key] = m.value
     scores = {epoch: objective(values, bits, name) for epoch, values in by_epoch.items()}
@@ -178,7 +179,7 @@ def run_sweep(base: StageConfig, spec: SweepSpec, *, trial_cpus: float, storage_
     run_id = best.metrics["run_id"]
     client = MlflowClient(tracking_uri=base.tracking.tracking_uri)
     run = client.get_run(run_id)
-    metrics = {k.removeprefix("final_"): v for k, v in run.data.metrics.items()}
+    metrics = dict(run.data.metrics)
     client.log_metric(sweep_run_id, "best_objective", float(best.metrics["objective"]))
     for name in ("k", "ramp_epochs", "ramp_shape"):
         client.set_tag(sweep_run_id, f"best_{name}", str(best.config[name]))

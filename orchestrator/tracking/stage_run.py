@@ -20,6 +20,8 @@ TAG_CONFIG_HASH = "bitmixer.config_hash"
 TAG_STATUS = "bitmixer.status"
 TAG_GIT_COMMIT = "bitmixer.git_commit"
 TAG_INIT_DIGEST = "bitmixer.init_state_sha256"  # sha256 of the weights loaded from init_from
+TAG_INDEPENDENT_BITS = "bitmixer.independent_bits"  # the bit-width an Independent network trained at
+STAGE_INDEPENDENT = "independent"  # stage tag of the Independent baseline (policy stage "fixed")
 STATUS_RUNNING, STATUS_FINISHED, STATUS_FAILED = "RUNNING", "FINISHED", "FAILED"
 
 
@@ -29,12 +31,16 @@ def _client(tracking_uri: str):
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
-    """{"optim": {"lr_peak": 0.001}} -> {"optim.lr_peak": "0.001"} (lists kept as their JSON-ish repr)."""
+    """One MLflow param per setting: {"optim": {"lr_peak": 0.001}} -> {"optim.lr_peak": "0.001"}; a list of
+    settings groups gets its index as a key ({"architectures": [{"name": "r"}]} -> {"architectures.0.name":
+    "r"}); a list of plain values stays one param ("[2, 3, 4]")."""
     flat: dict[str, str] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, list) and any(isinstance(item, dict) for item in value):
+            flat.update(flatten({str(i): item for i, item in enumerate(value)}, f"{name}."))
         else:
             flat[name] = str(value)
     return flat
@@ -71,6 +77,9 @@ def open_stage_run(*, tracking_uri: str, experiment: str, run_name: str, parent_
     from mlflow.entities import Param
     client = _client(tracking_uri)
     all_tags = {TAG_STATUS: STATUS_RUNNING, **tags}
+    if all_tags.get(TAG_STAGE) == "fixed":  # the paper's name for a network trained at one bit-width
+        all_tags[TAG_STAGE] = STAGE_INDEPENDENT
+        all_tags[TAG_INDEPENDENT_BITS] = str(resolved_config.get("policy", {}).get("fixed_bits"))
     commit = git_commit()
     if commit:
         all_tags[TAG_GIT_COMMIT] = commit
@@ -87,13 +96,10 @@ def open_stage_run(*, tracking_uri: str, experiment: str, run_name: str, parent_
     return run_id
 
 
-def close_stage_run(tracking_uri: str, run_id: str, *, succeeded: bool, final_metrics: dict | None = None) -> None:
-    """End the run; a FINISHED status tag is what the pipeline looks for to skip a stage already done."""
+def close_stage_run(tracking_uri: str, run_id: str, *, succeeded: bool) -> None:
+    """End the run; a FINISHED status tag is what the pipeline looks for to skip a stage already done. The
+    run's last evaluation is already its metrics' latest value: nothing is logged twice."""
     client = _client(tracking_uri)
-    if final_metrics:
-        for key, value in final_metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                client.log_metric(run_id, f"final_{key}", float(value))
     client.set_tag(run_id, TAG_STATUS, STATUS_FINISHED if succeeded else STATUS_FAILED)
     client.set_terminated(run_id, status="FINISHED" if succeeded else "FAILED")
 

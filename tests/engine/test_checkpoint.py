@@ -28,7 +28,7 @@ def test_model_pt_round_trip_keeps_everything(tmp_path):
     """Saving then load_model rebuilds the same architecture with an identical state dict."""
     net = trained_like_net()
     path = save_model_pt(tmp_path / "model.pt", net=net, model_name=MODEL.name, build_kwargs=MODEL.build_kwargs(),
-                         stage="two", epoch=3, metrics={"top1_b4": 50.0})
+                         stage="two", epoch=3, metrics={"val/top1_4bit": 50.0})
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temp file left behind
     payload = torch.load(path, weights_only=False)
     assert set(payload) == {"model_name", "build_kwargs", "state_dict", "stage", "epoch", "metrics"}
@@ -70,10 +70,10 @@ def test_align_buffers_casts_bn_statistics_for_bf16():
 def test_per_bit_table_and_progress_line():
     """One row per fixed bit-width (weights/activations named) plus Rand. with its std; the progress line
     shows loss, lr, top-1 at each bit-width and Rand."""
-    metrics = {"epoch": 1, "train_loss": 1.5, "lr": 1e-3, "epoch_time_s": 2.0, "rand_top1_mean": 40.0,
-               "rand_top1_std": 1.5, "rand_top5_mean": 80.0}
+    metrics = {"epoch": 1, "train_loss": 1.5, "lr": 1e-3, "epoch_time_s": 2.0, "val/rand_top1_mean": 40.0,
+               "val/rand_top1_std": 1.5, "val/rand_top5_mean": 80.0}
     for b in (2, 3, 4):
-        metrics[f"top1_b{b}"], metrics[f"top5_b{b}"] = 10.0 * b, 20.0 * b
+        metrics[f"val/top1_{b}bit"], metrics[f"val/top5_{b}bit"] = 10.0 * b, 20.0 * b
     table = per_bit_table(metrics, bits=[2, 3, 4], stage="three", first_last="fp32", bits_weights=[1, 3, 4])
     assert table["bits"] == ["A2/W1", "A3/W3", "A4/W4", "Rand."]
     assert table["top1"] == [20.0, 30.0, 40.0, 40.0] and table["top1_std"][-1] == 1.5

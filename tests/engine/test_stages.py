@@ -77,12 +77,12 @@ def test_learning_happened(stages):
     it on these digits): Stage I and II at 4 bits, Stage III at its best fixed bit-width, and the
     training loss falls from Stage I to Stage III. The figures cover the whole validation set once."""
     one, two, three = (stages[s].metrics for s in ("one", "two", "three"))
-    print({s: {k: round(v, 1) for k, v in stages[s].metrics.items() if k.startswith(("top1", "rand_top1"))}
+    print({s: {k: round(v, 1) for k, v in stages[s].metrics.items() if k.startswith(("val/top1", "val/rand_top1"))}
            for s in ("one", "two", "three")})
     assert three["val_images"] == 359  # the digits' validation split, counted once over both ranks
-    assert one["top1_b4"] > 30.0, one
-    assert two["top1_b4"] > 35.0, two
-    assert max(three[f"top1_b{b}"] for b in (2, 3, 4)) > 30.0, three
+    assert one["val/top1_4bit"] > 30.0, one
+    assert two["val/top1_4bit"] > 35.0, two
+    assert max(three[f"val/top1_{b}bit"] for b in (2, 3, 4)) > 30.0, three
     assert three["train_loss"] < one["train_loss"] < 2.3
 
 
@@ -125,8 +125,8 @@ def test_mlflow_holds_tables_checkpoints_and_tags(env, stages):
         assert {"model.pt", "config", "results"} <= names
         table = mlflow.load_table("results/per_bit.json", run_ids=[result.mlflow_run_id])
         assert list(table["bits"])[-1] == "Rand." and len(table) == 4
-        assert table["top1"].iloc[2] == pytest.approx(result.metrics["top1_b4"])
-        history = c.get_metric_history(result.mlflow_run_id, "top1_b4")
+        assert table["top1"].iloc[2] == pytest.approx(result.metrics["val/top1_4bit"])
+        history = c.get_metric_history(result.mlflow_run_id, "val/top1_4bit")
         assert sorted(m.step for m in history) == list(range(STAGE_EPOCHS[stage]))
     net = load_model(f"runs:/{stages['three'].mlflow_run_id}/model.pt", tracking_uri=env["mlflow"].uri)
     assert sum(p.numel() for p in net.parameters()) > 0
@@ -149,5 +149,5 @@ def test_killed_worker_resumes_from_last_checkpoint(env, stages):
     final = stages["three"].metrics
     assert final["resumed_at_epoch"] == 1
     assert final["epoch"] == STAGE_EPOCHS["three"] - 1
-    history = client(env).get_metric_history(stages["three"].mlflow_run_id, "epoch_time_s")
+    history = client(env).get_metric_history(stages["three"].mlflow_run_id, "sys/epoch_time_s")
     assert sorted(m.step for m in history) == list(range(STAGE_EPOCHS["three"]))

@@ -37,7 +37,7 @@ def _record(uri: str, experiment: str, digest: str, status: str, metrics: dict) 
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
     run = client.create_run(exp_id, tags={"bitmixer.config_hash": digest, "bitmixer.status": status})
     for key, value in metrics.items():
-        client.log_metric(run.info.run_id, f"final_{key}", value)
+        client.log_metric(run.info.run_id, key, value)
     return run.info.run_id
 
 
@@ -47,8 +47,9 @@ def test_finished_stage_is_skipped_and_hands_on_its_model(setup, monkeypatch):
     cfg, plan, uri = setup
     node = plan.nodes["resnet_tiny/main/one"]
     digest = config_hash(resolve_stage_config(node, {}, parent_run_id=None))
-    _record(uri, cfg.tracking.experiment, digest, "RUNNING", {"top1_b4": 1.0})  # an interrupted try
-    run_id = _record(uri, cfg.tracking.experiment, digest, "FINISHED", {"top1_b4": 91.5, "rand_top1_mean": 88.0})
+    _record(uri, cfg.tracking.experiment, digest, "RUNNING", {"val/top1_4bit": 1.0})  # an interrupted try
+    run_id = _record(uri, cfg.tracking.experiment, digest, "FINISHED",
+                     {"val/top1_4bit": 91.5, "val/rand_top1_mean": 88.0})
 
     def must_not_train(_cfg):
         raise AssertionError("run_stage was called for a stage that already FINISHED")
@@ -56,7 +57,7 @@ def test_finished_stage_is_skipped_and_hands_on_its_model(setup, monkeypatch):
     outcome = execute_node(node, [], parent_run_id="parent", pipeline=cfg)
     assert outcome.status == SKIPPED, outcome.error
     assert outcome.run_id == run_id and outcome.model_uri == f"runs:/{run_id}/model.pt"
-    assert outcome.metrics["top1_b4"] == 91.5 and outcome.metrics["rand_top1_mean"] == 88.0
+    assert outcome.metrics["val/top1_4bit"] == 91.5 and outcome.metrics["val/rand_top1_mean"] == 88.0
 
 
 def test_unfinished_stage_is_not_taken_for_done(setup):

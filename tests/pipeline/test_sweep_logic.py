@@ -11,7 +11,7 @@ from orchestrator.pipeline.plan import build_plan
 from orchestrator.pipeline.sweep import objective, trial_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
-METRICS = {"top1_b2": 60.0, "top1_b3": 70.0, "top1_b4": 80.0, "rand_top1_mean": 50.0}
+METRICS = {"val/top1_2bit": 60.0, "val/top1_3bit": 70.0, "val/top1_4bit": 80.0, "val/rand_top1_mean": 50.0}
 
 
 def test_objectives():
@@ -20,7 +20,7 @@ def test_objectives():
     assert objective(METRICS, [2, 3, 4], "mean_bits_and_rand") == pytest.approx(65.0)
     assert objective(METRICS, [2, 3, 4], "rand") == 50.0
     assert objective(METRICS, [2, 3, 4], "lowest_bit") == 60.0
-    assert objective({"top1_b2": 1.0}, [2, 3, 4], "mean_bits_and_rand") is None
+    assert objective({"val/top1_2bit": 1.0}, [2, 3, 4], "mean_bits_and_rand") is None
 
 
 def test_trial_config_changes_only_the_swept_values():
