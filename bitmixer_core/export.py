@@ -348,7 +348,22 @@ def export_meta_network(
     return ExportReport(len(blob), fp32_state_dict_bytes(model), packed_bytes, choice_bytes, verbatim, total_quantized)
 
 
+def _fsync_folder(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _write_atomically(path: str, blob: bytes) -> None:
+    """Temp file in the same folder, fsync, rename, fsync the folder (the orchestrator's
+    `orchestrator.atomic` does the same; the core imports only torch and numpy)."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=".tmp", dir=directory)
     try:
@@ -357,6 +372,7 @@ def _write_atomically(path: str, blob: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_folder(directory)  # the rename itself survives a power cut
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

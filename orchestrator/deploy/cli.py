@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from pydantic import ValidationError
+
+from orchestrator import atomic
 
 from .config import ExportConfig, FindSubnetsConfig
 
@@ -111,10 +112,10 @@ def run_find_subnets(cfg: FindSubnetsConfig, batches) -> tuple[str, dict]:
         out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for name, fig in figures.items():
-            fig.savefig(out / name)
-        tmp = out / ".subnets.json.tmp"
-        tmp.write_text(json.dumps({"eigenvalues": eig, "subnets": report.rows(), "summary": report.summary()}, indent=1))
-        os.replace(tmp, out / "subnets.json")
+            with atomic.atomic_file(out / name) as f:
+                fig.savefig(f, format=Path(name).suffix.lstrip(".") or "png")
+        atomic.write_text(out / "subnets.json", json.dumps({"eigenvalues": eig, "subnets": report.rows(),
+                                                            "summary": report.summary()}, indent=1))
     return run_id, report.summary()
 
 

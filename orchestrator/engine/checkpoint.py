@@ -15,13 +15,13 @@ import hashlib
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import bitmixer_core as core
+from orchestrator import atomic
 from orchestrator.tracking.credentials import redact_uri
 
 MODEL_FILE = "model.pt"
@@ -35,7 +35,7 @@ def build_from_kwargs(name: str, build_kwargs: dict) -> nn.Module:
 
 def save_model_pt(path: str | os.PathLike, *, net: nn.Module, model_name: str, build_kwargs: dict,
                   stage: str, epoch: int, metrics: dict) -> Path:
-    """Write model.pt atomically (temp file in the same folder, then rename)."""
+    """Write model.pt atomically (temp file in the same folder, fsync, rename: orchestrator.atomic)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # fp32 on disk whatever the engine trained in (a bf16 engine's weights load into any later stage).
@@ -43,14 +43,8 @@ def save_model_pt(path: str | os.PathLike, *, net: nn.Module, model_name: str, b
                   for k, v in net.state_dict().items()}
     payload = {"model_name": model_name, "build_kwargs": build_kwargs, "state_dict": state_dict,
                "stage": stage, "epoch": epoch, "metrics": dict(metrics)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic.atomic_file(path) as f:
+        torch.save(payload, f)
     return path
 
 

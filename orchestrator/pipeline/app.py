@@ -9,11 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator import atomic
 from orchestrator.pipeline.config import PipelineConfig, dump_pipeline_config
 from orchestrator.pipeline.outcome import BLOCKED, FAILED, SKIPPED, StageOutcome, per_bit_top1
 from orchestrator.pipeline.paper_tables import Table, build_tables, render_markdown
@@ -80,7 +80,7 @@ def _experiment(client, name: str, tracking_uri: str, work_dir: Path) -> str:
 
 def log_tables(client, run_id: str, tables: list[Table], work_dir: Path) -> None:
     """Each table as log_table JSON (the MLflow UI's table view), Markdown and CSV on the pipeline run,
-    and the same files under <work_dir>/tables (written to a temp name, then renamed). The tables' Markdown
+    and the same files under <work_dir>/tables (orchestrator.atomic: whole files only). The tables' Markdown
     is also the run's description, so Table 7 is on the run's Overview page."""
     client.set_tag(run_id, "mlflow.note.content", render_markdown(tables))
     out = work_dir / "tables"
@@ -89,9 +89,7 @@ def log_tables(client, run_id: str, tables: list[Table], work_dir: Path) -> None
         client.log_table(run_id, data=table.to_dict(), artifact_file=f"tables/{table.name}.json")
         for suffix, text in (("md", table.to_markdown()), ("csv", table.to_csv())):
             client.log_text(run_id, text, f"tables/{table.name}.{suffix}")
-            with tempfile.NamedTemporaryFile("w", dir=out, delete=False, suffix=".tmp") as tmp:
-                tmp.write(text)
-            os.replace(tmp.name, out / f"{table.name}.{suffix}")
+            atomic.write_text(out / f"{table.name}.{suffix}", text)
     client.log_text(run_id, render_markdown(tables), "tables/all_tables.md")
 
 
