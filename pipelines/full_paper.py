@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(render_markdown(report.tables))
     print(report.summary())
-    print(f"\nTables and runs in MLflow (pipeline run {report.run_id}):\n  {ui_command(report.tracking_uri)}")
+    print(f"\nTables and runs in MLflow (pipeline run {report.run_id}):\n  {ui_command(report.tracking_uri, report.experiment_id, report.run_id)}")
     return 1 if report.failed else 0
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from orchestrator import atomic
 from orchestrator.pipeline.config import PipelineConfig, dump_pipeline_config
-from orchestrator.pipeline.outcome import BLOCKED, FAILED, SKIPPED, StageOutcome, per_bit_top1
+from orchestrator.pipeline.outcome import BLOCKED, FAILED, SKIPPED, StageOutcome, headline_metrics, per_bit_top1
 from orchestrator.pipeline.paper_tables import Table, build_tables, render_markdown
 from orchestrator.pipeline.plan import Plan, build_plan
 
@@ -30,6 +30,7 @@ class PipelineReport:
     tables: list[Table]
     tracking_uri: str
     seconds: float
+    experiment_id: str = ""
 
     @property
     def failed(self) -> list[StageOutcome]:
@@ -65,17 +66,44 @@ def table_outcomes(plan: Plan, outcomes: dict[str, StageOutcome]) -> dict[tuple[
     return result
 
 
-def _experiment(client, name: str, tracking_uri: str, work_dir: Path) -> str:
-    """Create the experiment here, in the driver, before any stage or trial races to create it."""
+def _experiment(client, cfg: PipelineConfig, tracking_uri: str, work_dir: Path) -> str:
+    """Create the experiment here, in the driver, before any stage or trial races to create it; it opens
+    in the MLflow UI's model-training view, with a description."""
+    from orchestrator.tracking.stage_run import describe_experiment
+    name = cfg.tracking.experiment
     found = client.get_experiment_by_name(name)
     if found is not None:
-        return found.experiment_id
-    # A sqlite store keeps artifacts next to itself (a server decides for itself: S3 with --serve-artifacts).
-    location = (work_dir / "mlartifacts").as_uri() if tracking_uri.startswith("sqlite:") else None
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except Exception:
-        return client.get_experiment_by_name(name).experiment_id
+        experiment_id = found.experiment_id
+    else:
+        # A sqlite store keeps artifacts next to itself (a server decides for itself: S3 with --serve-artifacts).
+        location = (work_dir / "mlartifacts").as_uri() if tracking_uri.startswith("sqlite:") else None
+        try:
+            experiment_id = client.create_experiment(name, artifact_location=location)
+        except Exception:
+            experiment_id = client.get_experiment_by_name(name).experiment_id
+    architectures = ", ".join(a.name for a in cfg.architectures)
+    describe_experiment(client, experiment_id, (
+        f"Bit-Mixer pipeline `{cfg.name}` ({architectures}; bits {sorted(cfg.bits.activations)}). The run "
+        f"`pipeline-{cfg.name}` holds the paper's tables (its description and tables/) and the headline "
+        f"figures `<architecture>/stage3/top1_<b>bit`, `.../stage3/rand`, `.../indep/top1_<b>bit`; its "
+        f"nested runs are the stages (Stage I-III, Independent, ablations, the Stage III sweep)."))
+    return experiment_id
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The UI address of a run: on the server itself, or on the `mlflow ui` that ui_command starts."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def resolved_config(cfg: PipelineConfig, *, data_path: Path, work_dir: Path, tracking_uri: str) -> dict:
+    """The pipeline config as JSON with the paths it actually used instead of their None defaults."""
+    resolved = cfg.model_dump(mode="json")
+    resolved["work_dir"] = str(work_dir)
+    resolved["data"]["path"] = str(data_path)
+    resolved["tracking"]["tracking_uri"] = tracking_uri
+    resolved["tracking"]["storage_path"] = cfg.resolved_storage_path()
+    return resolved
 
 
 def log_tables(client, run_id: str, tables: list[Table], work_dir: Path) -> None:
@@ -128,17 +156,19 @@ def run_pipeline(cfg: PipelineConfig, *, log=print) -> PipelineReport:
 
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     client = MlflowClient(tracking_uri=tracking_uri)
-    experiment_id = _experiment(client, cfg.tracking.experiment, tracking_uri, work_dir)
+    experiment_id = _experiment(client, cfg, tracking_uri, work_dir)
     resolved = cfg.model_dump(mode="json")
     pipeline_hash = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
     run = client.create_run(experiment_id, run_name=f"pipeline-{cfg.name}",
                             tags={TAG_PIPELINE: cfg.name, TAG_PIPELINE_HASH: pipeline_hash})
     run_id = run.info.run_id
+    log(f"[pipeline] run: {run_link(tracking_uri, experiment_id, run_id)}")
     succeeded = False
     started_ray = False
     try:
         from mlflow.entities import Param
-        params = [Param(k, v[:6000]) for k, v in sorted(flatten(redact_tree(resolved)).items())]
+        paths = resolved_config(cfg, data_path=data_path, work_dir=work_dir, tracking_uri=tracking_uri)
+        params = [Param(k, v[:6000]) for k, v in sorted(flatten(redact_tree(paths)).items())]
         for i in range(0, len(params), 100):
             client.log_batch(run_id, params=params[i:i + 100])
         client.log_text(run_id, redact_text(dump_pipeline_config(cfg)), "config/pipeline.yaml")
@@ -160,11 +190,15 @@ def run_pipeline(cfg: PipelineConfig, *, log=print) -> PipelineReport:
                               main_teacher=cfg.distillation.teacher)
         log_tables(client, run_id, tables, work_dir)
         report = PipelineReport(run_id=run_id, outcomes=outcomes, tables=tables, tracking_uri=tracking_uri,
-                                seconds=time.monotonic() - started)
+                                seconds=time.monotonic() - started, experiment_id=experiment_id)
         client.log_text(run_id, report.summary(), "summary.txt")
-        client.log_metric(run_id, "stages_failed", len(report.failed))
-        client.log_metric(run_id, "stages_skipped", sum(o.status == SKIPPED for o in outcomes.values()))
-        client.log_metric(run_id, "pipeline_seconds", report.seconds)
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        headline = {**headline_metrics(table_outcomes(plan, outcomes)),
+                    "pipeline/stages_failed": len(report.failed),
+                    "pipeline/stages_skipped": sum(o.status == SKIPPED for o in outcomes.values()),
+                    "sys/pipeline_seconds": report.seconds}
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in sorted(headline.items())])
         succeeded = not report.failed
         return report
     finally:
@@ -174,10 +208,12 @@ def run_pipeline(cfg: PipelineConfig, *, log=print) -> PipelineReport:
             ray.shutdown()
 
 
-def ui_command(tracking_uri: str) -> str:
-    """How to open the results: a sqlite store needs `mlflow ui`; a server is already a UI."""
+def ui_command(tracking_uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """How to open the results: a sqlite store needs `mlflow ui`; a server is already a UI. With a run, the
+    address goes straight to it."""
+    where = run_link(tracking_uri, experiment_id, run_id) if experiment_id and run_id else None
     if tracking_uri.startswith("sqlite:"):
         artifacts = Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts"
         return (f"mlflow ui --backend-store-uri {tracking_uri} --default-artifact-root {artifacts.as_uri()} "
-                f"--host 127.0.0.1 --port 5000   # then open http://127.0.0.1:5000")
-    return f"open {tracking_uri} in a browser"
+                f"--host 127.0.0.1 --port 5000   # then open {where or 'http://127.0.0.1:5000'}")
+    return f"open {where or tracking_uri} in a browser"

@@ -42,6 +42,28 @@ def per_bit_top1(metrics: dict, bits: list[int]) -> dict[str, float]:
     return out
 
 
+STAGE_NAMES = {"two": "stage2", "three": "stage3"}
+
+
+def headline_metrics(per_bit: dict[tuple[str, str, str], dict[str, float]]) -> dict[str, float]:
+    """The pipeline run's comparison figures, named architecture / stage / bit-width: from the tables'
+    (architecture, variant, stage) -> bit key -> top-1, e.g. `resnet18/stage3/top1_2bit`,
+    `resnet18/stage3/rand`, `resnet18/indep/top1_4bit` (an Independent network at its own bit-width only),
+    `resnet18/no_transitional_bn/stage3/rand` for an ablation."""
+    out: dict[str, float] = {}
+    for (arch, variant, stage), figures in per_bit.items():
+        if variant.startswith("independent_"):
+            bits = variant.removeprefix("independent_")
+            if bits in figures:
+                out[f"{arch}/indep/top1_{bits}bit"] = figures[bits]
+            continue
+        stage_name = STAGE_NAMES.get(stage, stage)
+        prefix = f"{arch}/{stage_name}" if variant == "main" else f"{arch}/{variant}/{stage_name}"
+        for key, value in figures.items():
+            out[f"{prefix}/rand" if key == "rand" else f"{prefix}/top1_{key}bit"] = value
+    return out
+
+
 def finished_outcome(key: str, tracking_uri: str, experiment: str, digest: str) -> StageOutcome | None:
     """The outcome of an earlier FINISHED run of this exact stage config, or None."""
     from mlflow.tracking import MlflowClient

@@ -23,6 +23,9 @@ TAG_INIT_DIGEST = "bitmixer.init_state_sha256"  # sha256 of the weights loaded f
 TAG_INDEPENDENT_BITS = "bitmixer.independent_bits"  # the bit-width an Independent network trained at
 STAGE_INDEPENDENT = "independent"  # stage tag of the Independent baseline (policy stage "fixed")
 STATUS_RUNNING, STATUS_FINISHED, STATUS_FAILED = "RUNNING", "FINISHED", "FAILED"
+# MLflow 3's UI opens an experiment in its GenAI view unless this tag names model training.
+TAG_EXPERIMENT_KIND, KIND_MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+TAG_DESCRIPTION = "mlflow.note.content"  # a run's or an experiment's description in the UI
 
 
 def _client(tracking_uri: str):
@@ -63,12 +66,21 @@ def experiment_id(tracking_uri: str, name: str) -> str:
     if found is not None:
         return found.experiment_id
     try:
-        return client.create_experiment(name)
+        created = client.create_experiment(name)
+        describe_experiment(client, created)
+        return created
     except Exception:
         found = client.get_experiment_by_name(name)
         if found is None:
             raise
         return found.experiment_id
+
+
+def describe_experiment(client, experiment_id: str, description: str | None = None) -> None:
+    """Tag the experiment for the UI's model-training view, and give it a description."""
+    client.set_experiment_tag(experiment_id, TAG_EXPERIMENT_KIND, KIND_MODEL_TRAINING)
+    if description:
+        client.set_experiment_tag(experiment_id, TAG_DESCRIPTION, description)
 
 
 def open_stage_run(*, tracking_uri: str, experiment: str, run_name: str, parent_run_id: str | None,

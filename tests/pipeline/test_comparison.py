@@ -1,0 +1,46 @@
+"""What a researcher compares in the MLflow UI: the pipeline run's headline figures named architecture /
+stage / bit-width, flat params with the paths actually used, and a direct link to the run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from orchestrator.pipeline.app import resolved_config, run_link, ui_command
+from orchestrator.pipeline.config import load_pipeline_config
+from orchestrator.pipeline.outcome import headline_metrics
+from orchestrator.tracking.stage_run import flatten
+
+CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
+
+
+def test_headline_metrics_are_named_by_architecture_stage_and_bits():
+    """Stage II/III figures per bit and Rand., each Independent network at its own bit-width only, and an
+    ablation under its variant's name."""
+    per_bit = {("resnet18", "main", "two"): {"4": 69.0, "2": 65.0},
+               ("resnet18", "main", "three"): {"4": 68.0, "2": 64.0, "rand": 66.0},
+               ("resnet18", "independent_4", "two"): {"4": 70.0, "2": 10.0},
+               ("resnet18", "no_transitional_bn", "three"): {"rand": 9.0}}
+    assert headline_metrics(per_bit) == {
+        "resnet18/stage2/top1_4bit": 69.0, "resnet18/stage2/top1_2bit": 65.0,
+        "resnet18/stage3/top1_4bit": 68.0, "resnet18/stage3/top1_2bit": 64.0, "resnet18/stage3/rand": 66.0,
+        "resnet18/indep/top1_4bit": 70.0, "resnet18/no_transitional_bn/stage3/rand": 9.0}
+
+
+def test_params_are_flat_keys_with_resolved_paths(tmp_path):
+    """The pipeline run's params: one key per setting (architectures.0.name, not a 1,400-character dict),
+    and data.path / work_dir / tracking_uri as used, never None."""
+    cfg = load_pipeline_config(CONFIGS / "embedded.yaml")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    params = flatten(resolved_config(cfg, data_path=tmp_path / "digits", work_dir=tmp_path, tracking_uri=uri))
+    assert params["architectures.0.name"] == "resnet_tiny" and params["architectures.1.name"] == "ebn_tiny"
+    assert params["architectures.0.stages.three.k"] == "0.75"
+    assert not any(k == "architectures" for k in params)
+    assert params["data.path"] == str(tmp_path / "digits") and params["work_dir"] == str(tmp_path)
+    assert params["tracking.tracking_uri"] == uri and params["tracking.storage_path"] != "None"
+    assert all(len(v) < 500 for v in params.values()), max(params.values(), key=len)
+
+
+def test_the_pipeline_links_straight_to_its_run():
+    """On a server the link is the server's own run page; a sqlite store's link is the `mlflow ui` it names."""
+    assert run_link("http://127.0.0.1:5000/", "3", "abc") == "http://127.0.0.1:5000/#/experiments/3/runs/abc"
+    assert "open http://h:1/#/experiments/3/runs/abc" in ui_command("http://h:1", "3", "abc")
+    assert ui_command("sqlite:////tmp/m.db", "3", "abc").endswith("open http://127.0.0.1:5000/#/experiments/3/runs/abc")
