@@ -29,6 +29,15 @@ from orchestrator.pipeline.config import (ArchitectureSpec, PipelineConfig, Pipe
 from orchestrator.tracking.config import TrackingConfig
 
 STAGE_POLICY = {"zero": "fp32", "one": "one", "two": "two", "three": "three"}
+RUN_STAGE_NAMES = {"zero": "fp32", "one": "stage1", "two": "stage2", "three": "stage3"}
+
+
+def run_name(stage: str, arch: str, variant: str) -> str:
+    """The MLflow run name: stage first, then the architecture, then what differs from the main chain
+    ("stage3 resnet18", "stage3 resnet18 no_transitional_bn", "indep resnet18 4bit")."""
+    if variant.startswith("independent_"):
+        return f"indep {arch} {variant.removeprefix('independent_')}bit"
+    return " ".join([RUN_STAGE_NAMES[stage], arch] + ([] if variant == "main" else [variant]))
 
 
 @dataclass(frozen=True)
@@ -84,7 +93,7 @@ class _Builder:
         return ModelConfig(**{**options, **overrides})
 
     def stage_config(self, *, name: str, model: ModelConfig, spec: StageSpec, policy: PolicyConfig,
-                     teacher: bool) -> StageConfig:
+                     teacher: bool, title: str) -> StageConfig:
         d = self.cfg.distillation
         return StageConfig(
             name=name, model=model, data=self.data,
@@ -97,7 +106,7 @@ class _Builder:
             deepspeed=DeepSpeedConfig(zero_stage=min(self.cfg.scaling.zero_stage, 2)),
             scaling=ScalingConfig(num_workers=self.cfg.scaling.num_workers, use_gpu=self.cfg.scaling.use_gpu,
                                   cpus_per_worker=self.cfg.scaling.cpus_per_worker),
-            tracking=self.tracking.model_copy(update={"run_name": name}),
+            tracking=self.tracking.model_copy(update={"run_name": title}),
             eval_every_epochs=spec.eval_every, seed=self.cfg.seed, storage_path=self.storage,
             max_failures=self.cfg.scaling.max_failures)
 
@@ -117,7 +126,8 @@ class _Builder:
             self.plan.add(StageNode(
                 key=key, arch=arch.name, variant=variant, stage=stage,
                 config=self.stage_config(name=f"{arch.name}-{variant}-{stage}", model=model, spec=spec,
-                                         policy=policy, teacher=teacher_key is not None),
+                                         policy=policy, teacher=teacher_key is not None,
+                                         title=run_name(stage, arch.name, variant)),
                 init_after=None if stage in ("zero", "one") else previous, teacher_after=teacher_key,
                 sweep=(variant == "main" and stage == "three" and self.cfg.sweep.enabled)))
             previous = key
@@ -160,7 +170,8 @@ class _Builder:
                     key=_key(arch.name, f"independent_{b}", "two"), arch=arch.name, variant=f"independent_{b}",
                     stage="two", config=self.stage_config(name=name, model=model, spec=arch.stages.two,
                                                           policy=PolicyConfig(stage="fixed", fixed_bits=b),
-                                                          teacher=False),
+                                                          teacher=False,
+                                                          title=run_name("two", arch.name, f"independent_{b}")),
                     init_after=_key(arch.name, source, "one")))
 
     def ablations(self, quantized: list[str]) -> None:

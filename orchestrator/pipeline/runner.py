@@ -64,7 +64,9 @@ def execute_node(node: StageNode, upstream: list[StageOutcome], *, parent_run_id
         if node.variant == "main" and node.stage == "three" and pipeline.tracking.register_models:
             from orchestrator.pipeline.sweep import register_final_model
             name = f"{pipeline.tracking.registered_model_prefix}-{pipeline.name}-{node.arch}"
-            version = register_final_model(cfg.tracking.tracking_uri, name, outcome.run_id)
+            from orchestrator.pipeline.outcome import per_bit_top1
+            version = register_final_model(cfg.tracking.tracking_uri, name, outcome.run_id, architecture=node.arch,
+                                           per_bit=per_bit_top1(outcome.metrics, list(cfg.model.bits_activations)))
             outcome.detail = f"{outcome.detail}; registered as {name} v{version}".lstrip("; ")
         if node.variant == "main" and node.stage == "three" and pipeline.tracking.analysis_plots:
             from orchestrator.pipeline.analysis import analyse_final_stage

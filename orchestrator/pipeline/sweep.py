@@ -20,6 +20,7 @@ from orchestrator.pipeline.config import SweepSpec
 from orchestrator.pipeline.outcome import FINISHED, SKIPPED, StageOutcome, finished_outcome, model_uri
 
 TAG_SWEEP = "bitmixer.sweep_of"
+TAG_BEST_TRIAL = "bitmixer.best_trial"
 
 
 def objective(metrics: dict, bits: list[int], name: str) -> float | None:
@@ -37,10 +38,11 @@ def objective(metrics: dict, bits: list[int], name: str) -> float | None:
 
 def trial_config(base: StageConfig, k: float, ramp_epochs: int, ramp_shape: str, parent_run_id: str) -> StageConfig:
     name = f"{base.name}-k{k:.3g}-ramp{ramp_epochs}-{ramp_shape}"
+    title = f"{base.tracking.run_name or base.name} k{k:.3g} ramp{ramp_epochs} {ramp_shape}"
     return base.model_copy(update={
         "name": name,
         "policy": base.policy.model_copy(update={"k": k, "ramp_epochs": ramp_epochs, "ramp_shape": ramp_shape}),
-        "tracking": base.tracking.model_copy(update={"parent_run_id": parent_run_id, "run_name": name}),
+        "tracking": base.tracking.model_copy(update={"parent_run_id": parent_run_id, "run_name": title}),
     })
 
 
@@ -135,10 +137,11 @@ def _sweep_run(base: StageConfig, parent_run_id: str | None, sweep_key: str) -> 
     found = client.search_runs([exp], filter_string=f"tags.`{TAG_SWEEP}` = '{sweep_key}'", max_results=1)
     if found:
         return found[0].info.run_id
-    tags = {TAG_SWEEP: sweep_key}
+    from orchestrator.tracking.stage_run import TAG_ARCHITECTURE, TAG_STAGE
+    tags = {TAG_SWEEP: sweep_key, TAG_STAGE: base.policy.stage, TAG_ARCHITECTURE: base.model.name}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(exp, tags=tags, run_name=f"{base.name}-sweep")
+    run = client.create_run(exp, tags=tags, run_name=f"{base.tracking.run_name or base.name} sweep")
     return run.info.run_id
 
 
@@ -184,6 +187,7 @@ def run_sweep(base: StageConfig, spec: SweepSpec, *, trial_cpus: float, storage_
     for name in ("k", "ramp_epochs", "ramp_shape"):
         client.set_tag(sweep_run_id, f"best_{name}", str(best.config[name]))
     client.set_tag(sweep_run_id, "best_run_id", run_id)
+    client.set_tag(run_id, TAG_BEST_TRIAL, "true")  # the trial that became the architecture's final model
     client.set_terminated(sweep_run_id, status="FINISHED")
     skipped = sum(bool(r.metrics.get("skipped")) for r in trials)
     detail = (f"sweep of {len(trials)} trial(s) ({skipped} found done), best k={best.config['k']:.3g} "
@@ -194,16 +198,28 @@ def run_sweep(base: StageConfig, spec: SweepSpec, *, trial_cpus: float, storage_
                         config_hash=config_hash(base), detail=detail)
 
 
-def register_final_model(tracking_uri: str, name: str, run_id: str) -> str:
-    """Register the run's model.pt as a version of `name` (once per run); returns the version."""
+def register_final_model(tracking_uri: str, name: str, run_id: str, *, architecture: str = "",
+                         per_bit: dict[str, float] | None = None) -> str:
+    """Register the run's model.pt as a version of `name` (once per run), with a description and its top-1
+    per bit-width as tags (`top1_4bit`, ..., `rand`); returns the version."""
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
         client.get_registered_model(name)
     except Exception:
-        client.create_registered_model(name, description="Bit-Mixer meta-network (best Stage III trial)")
+        client.create_registered_model(name, description="Bit-Mixer meta-network (best Stage III trial): one set "
+                                                         "of weights, every layer switchable to any bit-width.")
     for version in client.search_model_versions(f"name = '{name}'"):
         if version.run_id == run_id:
             return version.version
+    per_bit = per_bit or {}
+    tags = {("rand" if key == "rand" else f"top1_{key}bit"): f"{value:.1f}" for key, value in per_bit.items()}
+    if architecture:
+        tags["architecture"] = architecture
+    figures = ", ".join(f"{'Rand.' if k == 'rand' else k + ' bits'} {v:.1f}" for k, v in per_bit.items())
+    description = (f"Bit-Mixer {architecture} meta-network, Stage III (best sweep trial, run {run_id}). "
+                   f"Validation top-1 (%): {figures or 'not recorded'}. Load model.pt with "
+                   f"orchestrator.engine.checkpoint.load_model; switch bits with bitmixer_core.set_bits.")
     source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/model.pt"
-    return client.create_model_version(name, source=source, run_id=run_id).version
+    return client.create_model_version(name, source=source, run_id=run_id, tags=tags,
+                                       description=description).version

@@ -44,3 +44,36 @@ def test_the_pipeline_links_straight_to_its_run():
     assert run_link("http://127.0.0.1:5000/", "3", "abc") == "http://127.0.0.1:5000/#/experiments/3/runs/abc"
     assert "open http://h:1/#/experiments/3/runs/abc" in ui_command("http://h:1", "3", "abc")
     assert ui_command("sqlite:////tmp/m.db", "3", "abc").endswith("open http://127.0.0.1:5000/#/experiments/3/runs/abc")
+
+
+def test_registered_version_has_a_description_and_per_bit_tags(tmp_path):
+    """The registry entry of a final model says what it is and carries its top-1 per bit-width as tags."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.pipeline.sweep import register_final_model
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    version = register_final_model(uri, "bitmixer-r", run_id, architecture="resnet_tiny",
+                                   per_bit={"4": 91.04, "2": 85.0, "rand": 88.0})
+    mv = client.get_model_version("bitmixer-r", version)
+    assert mv.tags == {"top1_4bit": "91.0", "top1_2bit": "85.0", "rand": "88.0", "architecture": "resnet_tiny"}
+    assert "resnet_tiny" in mv.description and "4 bits 91.0" in mv.description and "Rand. 88.0" in mv.description
+    assert register_final_model(uri, "bitmixer-r", run_id) == version  # once per run
+
+
+def test_run_names_are_short_distinct_and_start_with_the_stage():
+    """Every stage run of the embedded plan has its own name, stage first, then architecture and what
+    differs; a sweep trial adds only its swept values."""
+    from orchestrator.pipeline.plan import build_plan
+    from orchestrator.pipeline.sweep import trial_config
+    plan = build_plan(load_pipeline_config(CONFIGS / "embedded.yaml"), data_path="/d", tracking_uri="sqlite:////tmp/x.db")
+    names = {key: node.config.tracking.run_name for key, node in plan.nodes.items()}
+    assert len(set(names.values())) == len(names)
+    assert names["resnet_tiny/main/three"] == "stage3 resnet_tiny"
+    assert names["resnet_tiny/independent_4/two"] == "indep resnet_tiny 4bit"
+    assert names["resnet_tiny/no_transitional_bn/one"] == "stage1 resnet_tiny no_transitional_bn"
+    assert all(len(n) <= 40 for n in names.values()), names
+    trial = trial_config(plan.nodes["ebn_tiny/main/three"].config, 0.6667, 1, "linear", "sweep")
+    assert trial.tracking.run_name == "stage3 ebn_tiny k0.667 ramp1 linear"

@@ -162,7 +162,7 @@ def test_submitted_pipeline_reports_to_mlflow_and_s3_then_resubmission_trains_no
     # The best Stage III trial is the registered final model.
     versions = client.search_model_versions("name = 'bitmixer-submitted-resnet_tiny'")
     assert len(versions) == 1
-    assert versions[0].run_id in {r.info.run_id for r in finished if "three" in r.info.run_name}
+    assert versions[0].run_id in {r.info.run_id for r in finished if r.info.run_name.startswith("stage3")}
 
     logs = _submit(cluster, "bitmixer-second")
     print(logs[logs.find("Pipeline run"):])
