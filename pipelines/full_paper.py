@@ -6,7 +6,8 @@ Stage III sweep over k and sigma, the Independent baseline and the ablations, th
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python pipelines/full_paper.py --config pipelines/configs/imagenet.yaml
 
-Re-running the same config skips every stage already finished (found in MLflow by config hash).
+Re-running the same config skips every stage already finished (found in MLflow by config hash, with its
+model.pt); `--retrain` trains them again. One pipeline per work dir at a time.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "embedded.yaml"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="pipeline YAML (default: embedded.yaml)")
+    parser.add_argument("--retrain", action="store_true",
+                        help="train every stage again, even those MLflow holds as FINISHED with the same config")
     args = parser.parse_args(argv)
     try:
         cfg = load_pipeline_config(args.config)  # every key checked before anything starts
@@ -32,13 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    # SIGTERM (a cancelled job, a CI timeout) unwinds like Ctrl-C, so the local Ray we started is stopped.
+    # SIGTERM (a cancelled job, a CI timeout) unwinds like Ctrl-C: the local Ray we started is stopped and
+    # every MLflow run still open under the pipeline run ends KILLED.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from orchestrator.pipeline.app import run_pipeline, ui_command
     from orchestrator.pipeline.paper_tables import render_markdown
     try:
-        report = run_pipeline(cfg)
-    except (PipelineConfigError, RuntimeError) as err:  # bad combination, unreachable MLflow, ...
+        report = run_pipeline(cfg, retrain=args.retrain)
+    except (PipelineConfigError, RuntimeError, ValueError) as err:  # bad input, unreachable MLflow, busy work dir
         print(f"error: {err}", file=sys.stderr)
         return 2
     print()

@@ -10,8 +10,8 @@ from orchestrator import atomic
 from orchestrator.engine.checkpoint import MODEL_FILE
 from orchestrator.engine.config import StageConfig, config_hash
 from orchestrator.tracking.reachability import check_tracking_reachable
-from orchestrator.tracking.stage_run import (TAG_ARCHITECTURE, TAG_CONFIG_HASH, TAG_STAGE, close_stage_run,
-                                             open_stage_run)
+from orchestrator.tracking.stage_run import (STATUS_FAILED, STATUS_KILLED, TAG_ARCHITECTURE, TAG_CONFIG_HASH,
+                                             TAG_STAGE, close_stage_run, open_stage_run, publish_model)
 
 
 @dataclass
@@ -49,8 +49,10 @@ def _fetch_model_pt(checkpoint, destination: Path) -> Path:
         return atomic.copy_file(src, destination)
 
 
-def run_stage(cfg: StageConfig) -> StageResult:
-    """Train one stage to its end (resuming from Ray's last checkpoint after a worker failure)."""
+def run_stage(cfg: StageConfig, *, retrain: bool = False) -> StageResult:
+    """Train one stage to its end, resuming from Ray's last checkpoint of the same config (after a worker
+    failure, or a re-run after the driver was stopped); `retrain` starts from epoch 0 under a Ray run
+    name of its own instead."""
     check_tracking_reachable(cfg.tracking)  # one sentence now rather than a failure an hour later
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -69,7 +71,7 @@ def run_stage(cfg: StageConfig) -> StageResult:
         _ensure_ray(cfg)
         storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
         # The hash in the name: a re-run of the same config resumes its own checkpoints, never another's.
-        ray_run_name = f"{cfg.name}-{digest[:12]}"
+        ray_run_name = f"{cfg.name}-{digest[:12]}" + (f"-retrain-{run_id[:8]}" if retrain else "")
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"stage": resolved, "run_id": run_id, "torch_extensions_dir": torch_extensions_dir(),
@@ -89,16 +91,22 @@ def run_stage(cfg: StageConfig) -> StageResult:
         # Beside Ray's checkpoints when they are local; under ./runs when they live in S3.
         local_dir = Path(storage) / ray_run_name if "://" not in storage else Path.cwd() / "runs" / ray_run_name
         model_path = _fetch_model_pt(checkpoint, local_dir / MODEL_FILE)
+        # A stage resumed at its last epoch trained nothing: its model.pt comes from the checkpoint.
+        publish_model(cfg.tracking.tracking_uri, run_id, model_path)
         metrics = dict(result.metrics)
         checkpoint_dir = (f"{storage.split('://')[0]}://{checkpoint.path}" if "://" in storage
                           else str(checkpoint.path))
-    except BaseException:
+        digests = metrics.pop("subnet_digests", [])
+        close_stage_run(cfg.tracking.tracking_uri, run_id, succeeded=True)  # FINISHED only with model.pt
+    except BaseException as error:
+        # Ctrl-C, SIGTERM (SystemExit) and a cancelled Ray task end the run KILLED; anything else FAILED.
+        stopped = isinstance(error, (KeyboardInterrupt, SystemExit)) or type(error).__name__ == "TaskCancelledError"
         try:
-            close_stage_run(cfg.tracking.tracking_uri, run_id, succeeded=False)
+            close_stage_run(cfg.tracking.tracking_uri, run_id, succeeded=False,
+                            status=STATUS_KILLED if stopped else STATUS_FAILED)
         except Exception as err:  # never hide the stage's own error behind a tracking one
-            print(f"[{cfg.name}] could not mark MLflow run {run_id} FAILED: {err}", flush=True)
+            print(f"[{cfg.name}] could not mark MLflow run {run_id} {'KILLED' if stopped else 'FAILED'}: {err}",
+                  flush=True)
         raise
-    digests = metrics.pop("subnet_digests", [])
-    close_stage_run(cfg.tracking.tracking_uri, run_id, succeeded=True)
     return StageResult(name=cfg.name, model_path=str(model_path), metrics=metrics, mlflow_run_id=run_id,
                        checkpoint_dir=checkpoint_dir, config_hash=digest, subnet_digests=digests)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from orchestrator import atomic
 from orchestrator.pipeline.config import PipelineConfig, dump_pipeline_config
+from orchestrator.pipeline.integrity import TAG_WORK_DIR, end_pipeline_runs, end_stale_runs, work_dir_lock
 from orchestrator.pipeline.outcome import BLOCKED, FAILED, SKIPPED, StageOutcome, headline_metrics, per_bit_top1
 from orchestrator.pipeline.paper_tables import Table, build_tables, render_markdown
 from orchestrator.pipeline.plan import Plan, build_plan
@@ -133,8 +134,15 @@ def _connect_ray(env_vars: dict[str, str]) -> bool:
     return True
 
 
-def run_pipeline(cfg: PipelineConfig, *, log=print) -> PipelineReport:
-    """Run everything the config asks for; a failed stage is reported in the summary, not raised."""
+def run_pipeline(cfg: PipelineConfig, *, log=print, retrain: bool = False) -> PipelineReport:
+    """Run everything the config asks for; a failed stage is reported in the summary, not raised. One
+    pipeline per work dir at a time (a second raises WorkDirBusy); `retrain` trains every stage again even
+    when MLflow holds a FINISHED run of its config."""
+    with work_dir_lock(cfg.resolved_work_dir()):
+        return _run_pipeline(cfg, log=log, retrain=retrain)
+
+
+def _run_pipeline(cfg: PipelineConfig, *, log, retrain: bool) -> PipelineReport:
     from mlflow.tracking import MlflowClient
 
     from orchestrator.engine.stage import torch_extensions_dir
@@ -142,7 +150,7 @@ def run_pipeline(cfg: PipelineConfig, *, log=print) -> PipelineReport:
     from orchestrator.tracking.config import TrackingConfig
     from orchestrator.tracking.credentials import (PASSWORD_VARIABLE, USERNAME_VARIABLE, credentials_to_environment,
                                                    redact_text, redact_tree)
-    from orchestrator.tracking.stage_run import flatten
+    from orchestrator.tracking.stage_run import code_version_tags, flatten
 
     started = time.monotonic()
     work_dir = cfg.resolved_work_dir()
@@ -157,13 +165,16 @@ def run_pipeline(cfg: PipelineConfig, *, log=print) -> PipelineReport:
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment_id = _experiment(client, cfg, tracking_uri, work_dir)
+    for stale in end_stale_runs(tracking_uri, experiment_id, work_dir):  # runs of a driver that was killed
+        log(f"[pipeline] run {stale} was left RUNNING by a stopped pipeline; marked KILLED")
     resolved = cfg.model_dump(mode="json")
     pipeline_hash = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
     run = client.create_run(experiment_id, run_name=f"pipeline-{cfg.name}",
-                            tags={TAG_PIPELINE: cfg.name, TAG_PIPELINE_HASH: pipeline_hash})
+                            tags={TAG_PIPELINE: cfg.name, TAG_PIPELINE_HASH: pipeline_hash,
+                                  TAG_WORK_DIR: str(work_dir), **code_version_tags()})
     run_id = run.info.run_id
     log(f"[pipeline] run: {run_link(tracking_uri, experiment_id, run_id)}")
-    succeeded = False
+    succeeded = stopped = False
     started_ray = False
     try:
         from mlflow.entities import Param
@@ -182,7 +193,7 @@ def run_pipeline(cfg: PipelineConfig, *, log=print) -> PipelineReport:
             env_vars["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
         started_ray = _connect_ray(env_vars)
         from orchestrator.pipeline.runner import run_plan
-        outcomes = run_plan(plan, cfg, parent_run_id=run_id, env_vars=env_vars)
+        outcomes = run_plan(plan, cfg, parent_run_id=run_id, env_vars=env_vars, retrain=retrain)
 
         tables = build_tables(table_outcomes(plan, outcomes), architectures=[a.name for a in cfg.architectures],
                               bit_keys=[str(b) for b in sorted(cfg.bits.activations, reverse=True)],
@@ -201,11 +212,14 @@ def run_pipeline(cfg: PipelineConfig, *, log=print) -> PipelineReport:
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in sorted(headline.items())])
         succeeded = not report.failed
         return report
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM: the pipeline and its open runs end KILLED
+        stopped = True
+        raise
     finally:
-        client.set_terminated(run_id, status="FINISHED" if succeeded else "FAILED")
-        if started_ray:
+        if started_ray:  # first, so that no stage task is left to write into a run ended below
             import ray
             ray.shutdown()
+        end_pipeline_runs(tracking_uri, run_id, "FINISHED" if succeeded else "KILLED" if stopped else "FAILED")
 
 
 def ui_command(tracking_uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str:

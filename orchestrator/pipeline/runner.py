@@ -35,8 +35,8 @@ def resolve_stage_config(node: StageNode, upstream: dict[str, StageOutcome], par
 
 
 def execute_node(node: StageNode, upstream: list[StageOutcome], *, parent_run_id: str | None,
-                 pipeline: PipelineConfig) -> StageOutcome:
-    """Run one node (or find it done); never raises."""
+                 pipeline: PipelineConfig, retrain: bool = False) -> StageOutcome:
+    """Run one node (or find it done, unless `retrain`); never raises."""
     by_key = {o.key: o for o in upstream}
     broken = [o for o in upstream if not o.ok]
     if broken:
@@ -49,13 +49,15 @@ def execute_node(node: StageNode, upstream: list[StageOutcome], *, parent_run_id
         if node.sweep:
             from orchestrator.pipeline.sweep import register_final_model, run_sweep
             outcome = run_sweep(cfg, pipeline.sweep, trial_cpus=pipeline.scaling.trial_cpus,
-                                storage_path=cfg.storage_path, key=node.key, parent_run_id=parent_run_id)
+                                storage_path=cfg.storage_path, key=node.key, parent_run_id=parent_run_id,
+                                retrain=retrain)
         else:
             digest = config_hash(cfg)
-            outcome = finished_outcome(node.key, cfg.tracking.tracking_uri, cfg.tracking.experiment, digest)
+            outcome = None if retrain else finished_outcome(node.key, cfg.tracking.tracking_uri,
+                                                            cfg.tracking.experiment, digest)
             if outcome is None:
                 from orchestrator.engine.stage import run_stage
-                result = run_stage(cfg)
+                result = run_stage(cfg, retrain=retrain)
                 resumed = result.metrics.get("resumed_at_epoch", -1)
                 outcome = StageOutcome(key=node.key, status=FINISHED, run_id=result.mlflow_run_id,
                                        model_uri=model_uri(result.mlflow_run_id), metrics=result.metrics,
@@ -80,13 +82,13 @@ def execute_node(node: StageNode, upstream: list[StageOutcome], *, parent_run_id
 
 
 def run_plan(plan: Plan, pipeline: PipelineConfig, *, parent_run_id: str | None,
-             env_vars: dict[str, str] | None = None) -> dict[str, StageOutcome]:
+             env_vars: dict[str, str] | None = None, retrain: bool = False) -> dict[str, StageOutcome]:
     """Submit every node as a Ray task wired to its predecessors; wait for all; return their outcomes."""
     import ray
 
     @ray.remote(num_cpus=0, max_retries=0)
     def stage_task(node: StageNode, *upstream: StageOutcome) -> StageOutcome:
-        return execute_node(node, list(upstream), parent_run_id=parent_run_id, pipeline=pipeline)
+        return execute_node(node, list(upstream), parent_run_id=parent_run_id, pipeline=pipeline, retrain=retrain)
 
     options = {"runtime_env": {"env_vars": env_vars}} if env_vars else {}
     refs = {}

@@ -36,11 +36,14 @@ def objective(metrics: dict, bits: list[int], name: str) -> float | None:
     return statistics.fmean([*per_bit, rand])  # mean_bits_and_rand: the paper's whole per-bit row
 
 
-def trial_config(base: StageConfig, k: float, ramp_epochs: int, ramp_shape: str, parent_run_id: str) -> StageConfig:
+def trial_config(base: StageConfig, k: float, ramp_epochs: int, ramp_shape: str, parent_run_id: str,
+                 repeat: int = 0) -> StageConfig:
+    """The Stage III config of one trial. Repeat r > 0 of a grid point is its own trial: its own seed (so
+    its own config hash, MLflow run and Ray run name), named `...-r<r>`."""
     name = f"{base.name}-k{k:.3g}-ramp{ramp_epochs}-{ramp_shape}"
-    title = f"{base.tracking.run_name or base.name} k{k:.3g} ramp{ramp_epochs} {ramp_shape}"
+    title = f"{base.tracking.run_name or base.name} k{k:.3g} ramp{ramp_epochs} {ramp_shape}" + (f"-r{repeat}" if repeat else "")
     return base.model_copy(update={
-        "name": name,
+        "name": name, "seed": base.seed + repeat,
         "policy": base.policy.model_copy(update={"k": k, "ramp_epochs": ramp_epochs, "ramp_shape": ramp_shape}),
         "tracking": base.tracking.model_copy(update={"parent_run_id": parent_run_id, "run_name": title}),
     })
@@ -77,10 +80,12 @@ def _trial(config: dict) -> None:
     from orchestrator.engine.stage import run_stage
 
     base = StageConfig.model_validate(config["stage"])
-    cfg = trial_config(base, config["k"], config["ramp_epochs"], config["ramp_shape"], config["sweep_run_id"])
+    cfg = trial_config(base, config["k"], config["ramp_epochs"], config["ramp_shape"], config["sweep_run_id"],
+                       repeat=config.get("repeat", 0))
     bits, name = list(cfg.model.bits_activations), config["objective"]
     digest = config_hash(cfg)
-    done = finished_outcome(cfg.name, cfg.tracking.tracking_uri, cfg.tracking.experiment, digest)
+    done = None if config.get("retrain") else finished_outcome(cfg.name, cfg.tracking.tracking_uri,
+                                                                cfg.tracking.experiment, digest)
     if done is not None:
         tune.report({"objective": objective(done.metrics, bits, name) or 0.0, "epoch": cfg.optim.epochs,
                      "run_id": done.run_id, "skipped": True, "done": True})
@@ -90,7 +95,7 @@ def _trial(config: dict) -> None:
 
     def fit() -> None:
         try:
-            box["result"] = run_stage(cfg)
+            box["result"] = run_stage(cfg, retrain=bool(config.get("retrain")))
         except BaseException as err:  # re-raised in the trial's own thread below
             box["error"] = err
 
@@ -131,14 +136,14 @@ def _sweep_run(base: StageConfig, parent_run_id: str | None, sweep_key: str) -> 
     """The MLflow run the trials nest under; a re-submission reuses the earlier one of the same sweep."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.tracking.stage_run import experiment_id
+    from orchestrator.tracking.stage_run import code_version_tags, experiment_id
     client = MlflowClient(tracking_uri=base.tracking.tracking_uri)
     exp = experiment_id(base.tracking.tracking_uri, base.tracking.experiment)
     found = client.search_runs([exp], filter_string=f"tags.`{TAG_SWEEP}` = '{sweep_key}'", max_results=1)
     if found:
         return found[0].info.run_id
     from orchestrator.tracking.stage_run import TAG_ARCHITECTURE, TAG_STAGE
-    tags = {TAG_SWEEP: sweep_key, TAG_STAGE: base.policy.stage, TAG_ARCHITECTURE: base.model.name}
+    tags = {TAG_SWEEP: sweep_key, TAG_STAGE: base.policy.stage, TAG_ARCHITECTURE: base.model.name, **code_version_tags()}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp, tags=tags, run_name=f"{base.tracking.run_name or base.name} sweep")
@@ -146,18 +151,22 @@ def _sweep_run(base: StageConfig, parent_run_id: str | None, sweep_key: str) -> 
 
 
 def run_sweep(base: StageConfig, spec: SweepSpec, *, trial_cpus: float, storage_path: str, key: str,
-              parent_run_id: str | None) -> StageOutcome:
+              parent_run_id: str | None, retrain: bool = False) -> StageOutcome:
     """Run the Stage III sweep for one architecture; the outcome is the best trial's."""
     from mlflow.tracking import MlflowClient
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+
+    from orchestrator.tracking.stage_run import STATUS_KILLED, end_open_runs
 
     sweep_key = config_hash(base)  # the base's hash covers everything but the swept values
     sweep_run_id = _sweep_run(base, parent_run_id, sweep_key)
     param_space = {
         "k": tune.grid_search(spec.k), "ramp_epochs": tune.grid_search(spec.ramp_epochs),
         "ramp_shape": tune.grid_search(spec.ramp_shape),
+        "repeat": tune.grid_search(list(range(spec.num_samples))),  # repeats are distinct trials (own seed)
         "stage": base.model_dump(mode="json"), "sweep_run_id": sweep_run_id, "objective": spec.objective,
+        "retrain": retrain,
     }
     concurrent = spec.max_concurrent_trials or _trials_that_fit(base, trial_cpus)
     scheduler = (ASHAScheduler(time_attr="epoch", max_t=base.optim.epochs, grace_period=spec.grace_period)
@@ -165,12 +174,20 @@ def run_sweep(base: StageConfig, spec: SweepSpec, *, trial_cpus: float, storage_
     tuner = tune.Tuner(
         tune.with_resources(_trial, {"CPU": trial_cpus}),
         param_space=param_space,
-        tune_config=tune.TuneConfig(metric="objective", mode="max", num_samples=spec.num_samples,
+        tune_config=tune.TuneConfig(metric="objective", mode="max", num_samples=1,
                                     scheduler=scheduler, max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name=f"{base.name}-sweep-{sweep_key[:12]}", storage_path=storage_path,
                                   verbose=0),
     )
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        client = MlflowClient(tracking_uri=base.tracking.tracking_uri)
+        end_open_runs(base.tracking.tracking_uri, sweep_run_id, STATUS_KILLED)
+        client.set_terminated(sweep_run_id, status="FAILED")
+        raise
+    # Trials that ASHA stopped (or that died) leave their stage runs open: they end KILLED, never RUNNING.
+    end_open_runs(base.tracking.tracking_uri, sweep_run_id, STATUS_KILLED)
     trials = []
     for result in grid:
         if result.error is None and result.metrics and result.metrics.get("done"):

@@ -19,6 +19,7 @@ TAG_ARCHITECTURE = "bitmixer.architecture"
 TAG_CONFIG_HASH = "bitmixer.config_hash"
 TAG_STATUS = "bitmixer.status"
 TAG_GIT_COMMIT = "bitmixer.git_commit"
+TAG_CODE_DIGEST = "bitmixer.code_sha256"  # sha256 of bitmixer_core + orchestrator sources (see code_digest)
 TAG_INIT_DIGEST = "bitmixer.init_state_sha256"  # sha256 of the weights loaded from init_from
 TAG_INDEPENDENT_BITS = "bitmixer.independent_bits"  # the bit-width an Independent network trained at
 STAGE_INDEPENDENT = "independent"  # stage tag of the Independent baseline (policy stage "fixed")
@@ -26,6 +27,12 @@ STATUS_RUNNING, STATUS_FINISHED, STATUS_FAILED = "RUNNING", "FINISHED", "FAILED"
 # MLflow 3's UI opens an experiment in its GenAI view unless this tag names model training.
 TAG_EXPERIMENT_KIND, KIND_MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 TAG_DESCRIPTION = "mlflow.note.content"  # a run's or an experiment's description in the UI
+STATUS_KILLED = "KILLED"  # stopped from outside (SIGTERM, Ctrl-C, an ASHA stop, a dead driver)
+MODEL_ARTIFACT = "model.pt"
+
+
+class ModelNotLogged(RuntimeError):
+    """A run about to be marked FINISHED has no model.pt artifact."""
 
 
 def _client(tracking_uri: str):
@@ -57,6 +64,28 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+def code_digest() -> str:
+    """sha256 of the method's and the orchestrator's source files (a code version outside a git checkout)."""
+    import hashlib
+    root = Path(__file__).resolve().parents[2]
+    digest = hashlib.sha256()
+    for package in ("bitmixer_core", "orchestrator"):
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def code_version_tags() -> dict[str, str]:
+    """The code version every run carries: the git commit when there is one, and a digest of the source."""
+    tags = {TAG_CODE_DIGEST: code_digest()}
+    commit = git_commit()
+    if commit:
+        tags[TAG_GIT_COMMIT] = commit
+        tags["mlflow.source.git.commit"] = commit
+    return tags
 
 
 def experiment_id(tracking_uri: str, name: str) -> str:
@@ -92,10 +121,7 @@ def open_stage_run(*, tracking_uri: str, experiment: str, run_name: str, parent_
     if all_tags.get(TAG_STAGE) == "fixed":  # the paper's name for a network trained at one bit-width
         all_tags[TAG_STAGE] = STAGE_INDEPENDENT
         all_tags[TAG_INDEPENDENT_BITS] = str(resolved_config.get("policy", {}).get("fixed_bits"))
-    commit = git_commit()
-    if commit:
-        all_tags[TAG_GIT_COMMIT] = commit
-        all_tags["mlflow.source.git.commit"] = commit
+    all_tags.update(code_version_tags())
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id(tracking_uri, experiment), tags=all_tags, run_name=run_name)
@@ -108,16 +134,36 @@ def open_stage_run(*, tracking_uri: str, experiment: str, run_name: str, parent_
     return run_id
 
 
-def close_stage_run(tracking_uri: str, run_id: str, *, succeeded: bool) -> None:
-    """End the run; a FINISHED status tag is what the pipeline looks for to skip a stage already done. The
-    run's last evaluation is already its metrics' latest value: nothing is logged twice."""
+def has_model(tracking_uri: str, run_id: str) -> bool:
+    """Whether the run's artifacts hold model.pt (what a FINISHED stage hands to the next one)."""
+    return any(a.path == MODEL_ARTIFACT for a in _client(tracking_uri).list_artifacts(run_id))
+
+
+def publish_model(tracking_uri: str, run_id: str, model_path: str | Path) -> None:
+    """Log model.pt into the run unless it is there: a stage resumed at its last epoch trains nothing and
+    its workers log nothing, so the driver uploads the model of the checkpoint it resumed from."""
+    if not has_model(tracking_uri, run_id):
+        _client(tracking_uri).log_artifact(run_id, str(model_path))
+
+
+def close_stage_run(tracking_uri: str, run_id: str, *, succeeded: bool, status: str | None = None) -> None:
+    """End the run. FINISHED (what the pipeline looks for to skip a stage already done) is given only to a
+    run whose model.pt is logged; otherwise the run ends FAILED and ModelNotLogged is raised. `status`
+    KILLED or FAILED overrides for a run that did not succeed. The run's last evaluation is already its
+    metrics' latest value: nothing is logged twice."""
     client = _client(tracking_uri)
-    client.set_tag(run_id, TAG_STATUS, STATUS_FINISHED if succeeded else STATUS_FAILED)
-    client.set_terminated(run_id, status="FINISHED" if succeeded else "FAILED")
+    if succeeded and not has_model(tracking_uri, run_id):
+        client.set_tag(run_id, TAG_STATUS, STATUS_FAILED)
+        client.set_terminated(run_id, status="FAILED")
+        raise ModelNotLogged(f"MLflow run {run_id} has no {MODEL_ARTIFACT} artifact, so it is marked FAILED, not "
+                             f"FINISHED; run the stage again (it resumes from its last checkpoint).")
+    final = STATUS_FINISHED if succeeded else (status or STATUS_FAILED)
+    client.set_tag(run_id, TAG_STATUS, final)
+    client.set_terminated(run_id, status=final)
 
 
 def find_finished_run(tracking_uri: str, experiment: str, config_hash: str) -> str | None:
-    """Run id of a FINISHED stage run with this config hash, or None."""
+    """Run id of the newest FINISHED stage run with this config hash whose model.pt is there, or None."""
     client = _client(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -125,8 +171,27 @@ def find_finished_run(tracking_uri: str, experiment: str, config_hash: str) -> s
     runs = client.search_runs([found.experiment_id],
                               filter_string=f"tags.`{TAG_CONFIG_HASH}` = '{config_hash}' and "
                                             f"tags.`{TAG_STATUS}` = '{STATUS_FINISHED}'",
-                              max_results=1, order_by=["attributes.start_time DESC"])
-    return runs[0].info.run_id if runs else None
+                              max_results=20, order_by=["attributes.start_time DESC"])
+    return next((run.info.run_id for run in runs if has_model(tracking_uri, run.info.run_id)), None)
+
+
+def end_open_runs(tracking_uri: str, parent_run_id: str, status: str = STATUS_KILLED) -> list[str]:
+    """Mark every still-RUNNING run nested (at any depth) under `parent_run_id` as `status`: the runs of
+    stages, sweeps and trials whose processes are gone (a stopped driver, an ASHA-stopped trial)."""
+    client = _client(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    ended, frontier = [], [parent_run_id]
+    while frontier:
+        current = frontier.pop()
+        children = client.search_runs([parent.info.experiment_id],
+                                      filter_string=f"tags.`mlflow.parentRunId` = '{current}'", max_results=1000)
+        for child in children:
+            frontier.append(child.info.run_id)
+            if child.info.status == "RUNNING":
+                client.set_tag(child.info.run_id, TAG_STATUS, status)
+                client.set_terminated(child.info.run_id, status=status)
+                ended.append(child.info.run_id)
+    return ended
 
 
 class RunLogger:

@@ -51,12 +51,15 @@ def test_stage_run_records_config_and_is_found_when_finished(tmp_path):
     from orchestrator.tracking.stage_run import (TAG_CONFIG_HASH, close_stage_run, find_finished_run,
                                                  flatten, open_stage_run)
     uri = f"sqlite:///{tmp_path}/mlruns.db"
+    MlflowClient(uri).create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
     cfg = config(uri, tmp_path)
     digest = config_hash(cfg)
     resolved = cfg.model_dump(mode="json")
     run_id = open_stage_run(tracking_uri=uri, experiment="t", run_name="s", parent_run_id=None,
                             resolved_config=resolved, tags={TAG_CONFIG_HASH: digest})
     assert find_finished_run(uri, "t", digest) is None
+    (tmp_path / "model.pt").write_bytes(b"weights")  # FINISHED needs the model
+    MlflowClient(uri).log_artifact(run_id, str(tmp_path / "model.pt"))
     close_stage_run(uri, run_id, succeeded=True)
     assert find_finished_run(uri, "t", digest) == run_id
     run = MlflowClient(uri).get_run(run_id)

@@ -34,10 +34,16 @@ def _record(uri: str, experiment: str, digest: str, status: str, metrics: dict) 
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    folder = Path(uri.removeprefix("sqlite:///")).parent
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        experiment, artifact_location=(folder / "artifacts" / experiment).as_uri())
     run = client.create_run(exp_id, tags={"bitmixer.config_hash": digest, "bitmixer.status": status})
     for key, value in metrics.items():
         client.log_metric(run.info.run_id, key, value)
+    if status == "FINISHED":  # a FINISHED stage always has its model
+        model = folder / "model.pt"
+        model.write_bytes(b"weights")
+        client.log_artifact(run.info.run_id, str(model))
     return run.info.run_id
 
 
@@ -51,7 +57,7 @@ def test_finished_stage_is_skipped_and_hands_on_its_model(setup, monkeypatch):
     run_id = _record(uri, cfg.tracking.experiment, digest, "FINISHED",
                      {"val/top1_4bit": 91.5, "val/rand_top1_mean": 88.0})
 
-    def must_not_train(_cfg):
+    def must_not_train(_cfg, **_):
         raise AssertionError("run_stage was called for a stage that already FINISHED")
     monkeypatch.setattr("orchestrator.engine.stage.run_stage", must_not_train)
     outcome = execute_node(node, [], parent_run_id="parent", pipeline=cfg)
@@ -99,8 +105,26 @@ def test_stage_error_becomes_a_failed_outcome(setup, monkeypatch):
     summary shows it), never as an exception that would take the other chains down."""
     cfg, plan, _ = setup
 
-    def boom(_cfg):
+    def boom(_cfg, **_):
         raise RuntimeError("tracking server went away\nlong traceback")
     monkeypatch.setattr("orchestrator.engine.stage.run_stage", boom)
     outcome = execute_node(plan.nodes["ebn_tiny/main/one"], [], parent_run_id=None, pipeline=cfg)
     assert outcome.status == FAILED and outcome.error == "RuntimeError: tracking server went away"
+
+
+def test_retrain_trains_a_finished_stage_again(setup, monkeypatch):
+    """With --retrain (retrain=True) a stage whose config has a FINISHED run is trained again, and run_stage is
+    told so (it then starts from epoch 0 under a Ray run name of its own)."""
+    cfg, plan, uri = setup
+    node = plan.nodes["resnet_tiny/main/one"]
+    digest = config_hash(resolve_stage_config(node, {}, parent_run_id=None))
+    _record(uri, cfg.tracking.experiment, digest, "FINISHED", {"val/top1_4bit": 91.5})
+    calls = []
+
+    def train(stage_cfg, *, retrain=False):
+        calls.append(retrain)
+        raise RuntimeError("trained")
+    monkeypatch.setattr("orchestrator.engine.stage.run_stage", train)
+    assert execute_node(node, [], parent_run_id=None, pipeline=cfg).status == SKIPPED
+    outcome = execute_node(node, [], parent_run_id=None, pipeline=cfg, retrain=True)
+    assert calls == [True] and outcome.status == FAILED and outcome.error == "RuntimeError: trained"
