@@ -1,8 +1,11 @@
-"""The paper's analysis figures (Fig. 3, 5, 6, 7) of each architecture's final Stage III model.
+"""The paper's analysis figures (Fig. 3, 4, 5, 6, 7) of each architecture's final Stage III model.
 
 After an architecture's main-chain Stage III has finished (or was found finished), its model.pt is loaded
 on CPU, a couple of validation batches are read, and the PNGs are logged under ``analysis/`` of that stage's
-MLflow run. Plotting is a by-product: any error becomes one warning line, never a failed pipeline.
+MLflow run, each titled with its figure number, the architecture, the stage and the run. With eigenvalues
+on, the sub-net search of section 4.2 runs on the same batches: Fig. 4 (top-1 against average bits and
+against BitOPs) and Fig. 5 (the layers' Hessian eigenvalues it ranks by). Plotting is a by-product: any
+error becomes one warning line, never a failed pipeline.
 """
 from __future__ import annotations
 
@@ -14,6 +17,23 @@ import torch
 ARTIFACT_DIR = "analysis"
 MAX_BATCHES = 2          # enough for the variance plots and a short power iteration; keeps it cheap
 MAX_IMAGES = 64          # per batch: the Hessian power iteration costs one double-backward per image batch
+STAGE_TITLES = {"fp32": "FP32", "one": "Stage I", "two": "Stage II", "three": "Stage III",
+                "independent": "Independent"}
+
+
+def caption(run) -> str:
+    """What a figure is of: "<architecture>, <stage>, run <name> (<id>)", from the run's tags and name."""
+    from orchestrator.tracking.stage_run import TAG_ARCHITECTURE, TAG_STAGE
+    tags = run.data.tags
+    parts = [tags.get(TAG_ARCHITECTURE), STAGE_TITLES.get(tags.get(TAG_STAGE, ""), tags.get(TAG_STAGE)),
+             f"run {run.info.run_name} ({run.info.run_id[:8]})" if run.info.run_name else f"run {run.info.run_id[:8]}"]
+    return ", ".join(p for p in parts if p)
+
+
+def search_budgets(bit_choices: Sequence[int]) -> list[float]:
+    """Average bit-widths strictly between the lowest and highest (2.5, 3.0, 3.5 for {2, 3, 4})."""
+    low, high = min(bit_choices), max(bit_choices)
+    return [low + (high - low) * i / 4 for i in (1, 2, 3)]
 
 
 def val_batches(data_cfg, limit: int = MAX_BATCHES) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -32,22 +52,32 @@ def log_stage_analysis(model_uri: str, run_id: str, batches: Sequence, *, tracki
     """
     from mlflow.tracking import MlflowClient
 
+    import bitmixer_core as core
     from orchestrator.deploy import plots
+    from orchestrator.deploy.config import SearchConfig
     from orchestrator.deploy.mlflow_log import log_figures
+    from orchestrator.deploy.subnets import find_subnets
     from orchestrator.engine.checkpoint import load_model
 
     model = load_model(model_uri, tracking_uri)
     model.eval()
     batches = list(batches)[:MAX_BATCHES]
-    target = (MlflowClient(tracking_uri=tracking_uri), run_id)
-    if eigenvalues:
-        return plots.log_analysis_plots(model, batches, target, artifact_dir=ARTIFACT_DIR)
     if not batches:
         raise ValueError("batches is empty: pass at least one (images, labels) batch for the analysis plots.")
-    figures = {"fig3_tbn_variance.png": plots.tbn_variance_figure(model, batches[0][0]),
-               "fig6_weight_distributions.png": plots.weight_distribution_figure(model),
-               "fig7_step_sizes.png": plots.step_size_figure(model)}
-    return log_figures(target, figures, ARTIFACT_DIR)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    title = caption(client.get_run(run_id))
+    figures = {"fig3_tbn_variance.png": plots.tbn_variance_figure(model, batches[0][0], title),
+               "fig6_weight_distributions.png": plots.weight_distribution_figure(model, caption=title),
+               "fig7_step_sizes.png": plots.step_size_figure(model, title)}
+    if eigenvalues:
+        bit_choices = core.quantized_layers(model)[0][1].bit_widths.activations
+        search = SearchConfig(average_bits=search_budgets(bit_choices), top_k=3, random_per_budget=3,
+                              sensitivity_batches=len(batches))
+        report = find_subnets(model, batches, batches, search)
+        for name, figure in plots.subnet_figures(report, title).items():
+            figures[f"fig4_{name.removeprefix('subnets_')}"] = figure
+        figures["fig5_layer_eigenvalues.png"] = plots.eigenvalue_figure(report.layer_names, report.eigenvalues, title)
+    return log_figures((client, run_id), dict(sorted(figures.items())), ARTIFACT_DIR)
 
 
 def analyse_final_stage(arch: str, outcome, data_cfg, *, tracking_uri: str | None,

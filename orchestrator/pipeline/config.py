@@ -233,8 +233,8 @@ class TrackingSpec(Strict):
     registered_model_prefix: str = "bitmixer"
     register_models: bool = True
     analysis_plots: bool = Field(True, description="Log Fig. 3/6/7 of each architecture's final Stage III model.")
-    analysis_eigenvalues: bool = Field(False, description="Also Fig. 5 (Hessian power iteration; ~5 s on "
-                                       "resnet_tiny on CPU, much more on ResNet-18).")
+    analysis_eigenvalues: bool = Field(False, description="Also Fig. 4 (sub-net search) and Fig. 5 (Hessian power "
+                                       "iteration; ~5 s on resnet_tiny on CPU, much more on ResNet-18).")
 
 
 class PipelineConfig(Strict):
