@@ -9,8 +9,9 @@ VENV=.venv
 stamp="$VENV/.bitmixer-setup"
 want=$( (cat pyproject.toml infra/setup.sh; echo "$TORCH_VERSION") | sha256sum | cut -d' ' -f1)
 
-# FFCV compiles against OpenCV and libjpeg-turbo; pkg-config, g++ and ninja build it and DeepSpeed's ops.
-apt_pkgs="libopencv-dev libturbojpeg0-dev pkg-config g++ ninja-build"
+# FFCV compiles against OpenCV and libjpeg-turbo; pkg-config, g++ and ninja build it and DeepSpeed's ops;
+# rsync is what the Ray cluster launcher uploads with (tests/infra runs it with the launcher's filter).
+apt_pkgs="libopencv-dev libturbojpeg0-dev pkg-config g++ ninja-build rsync"
 missing=""
 for p in $apt_pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

@@ -3,7 +3,8 @@
 Public API (used by the training engine and the pipeline):
 
     DataConfig, ProgressiveResolution, WriterConfig, IMAGENET_WRITER   (config.py)
-    build_loaders, read_classes, check_data_folder, TrainLoader, ValLoader (loaders.py)
+    build_loaders, read_classes, TrainLoader, ValLoader                 (loaders.py)
+    check_data_folder, manifest_digest (no FFCV import)                  (folder.py)
     write_embedded_digits                                                (embedded.py)
     convert_image_folder                                                 (convert.py)
     DataError                                                            (errors.py)
@@ -23,13 +24,18 @@ __all__ = [
     "build_loaders",
     "read_classes",
     "check_data_folder",
+    "manifest_digest",
     "write_embedded_digits",
     "convert_image_folder",
 ]
 
 
 def __getattr__(name: str):
-    if name in ("build_loaders", "read_classes", "check_data_folder", "TrainLoader", "ValLoader"):
+    if name in ("check_data_folder", "manifest_digest"):
+        from . import folder
+
+        return getattr(folder, name)
+    if name in ("build_loaders", "read_classes", "TrainLoader", "ValLoader"):
         from . import loaders
 
         return getattr(loaders, name)

@@ -29,7 +29,6 @@ would need cupy. The CUDA path has not been run on a GPU in this repository yet 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -45,29 +44,12 @@ from .beton import IMAGE_FIELD, LABEL_FIELD
 from .config import DataConfig
 from .errors import DataError
 
-DATA_FILES = ("train.beton", "val.beton", "classes.json")
-
-
-def check_data_folder(path: str | Path) -> None:
-    """Fail with one sentence unless `path` holds train.beton, val.beton and classes.json."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise DataError(
-            f"The data folder {folder} does not exist; create it with "
-            f"`python pipelines/prepare_data.py --src DIR --out {folder}` (or `--embedded digits`)."
-        )
-    missing = [name for name in DATA_FILES if not (folder / name).is_file()]
-    if missing:
-        raise DataError(
-            f"The data folder {folder} has no {', '.join(missing)}; create it with "
-            f"`python pipelines/prepare_data.py --src DIR --out {folder}` (or `--embedded digits`)."
-        )
+from .folder import DATA_FILES, check_data_folder  # noqa: F401 (re-exported)
 
 
 def read_classes(path: str | Path) -> dict[str, int]:
     """Class name -> label index, from `classes.json` in the data folder."""
-    check_data_folder(path)
-    return {str(name): int(index) for name, index in json.loads((Path(path) / "classes.json").read_text()).items()}
+    return check_data_folder(path)
 
 
 def _image_tail(cfg: DataConfig, device: torch.device) -> list:

@@ -45,12 +45,10 @@ def test_progressive_resolution_schedule():
     assert DataConfig(path="x", train_resolution=176).resolution_for(9) == 176
 
 
-def test_distributed_without_a_process_group(tmp_path):
+def test_distributed_without_a_process_group(digits):
     """distributed=True outside a process group is refused before FFCV is asked to shard."""
-    for name in ("train.beton", "val.beton", "classes.json"):
-        (tmp_path / name).write_bytes(b"")
     with pytest.raises(DataError, match="needs an initialised torch.distributed process group"):
-        build_loaders(DataConfig(path=str(tmp_path)), rank=0, world_size=2, device=torch.device("cpu"),
+        build_loaders(DataConfig(path=str(digits)), rank=0, world_size=2, device=torch.device("cpu"),
                       distributed=True)
 
 
@@ -65,3 +63,51 @@ def test_train_crop_scale_must_be_an_ordered_fraction_range():
     for bad in ((0.0, 1.0), (0.9, 0.5), (0.5, 1.5)):
         with pytest.raises(ValidationError, match="train_crop_scale"):
             DataConfig(path="x", train_crop_scale=bad)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from orchestrator.data.embedded import write_embedded_digits
+    return write_embedded_digits(tmp_path_factory.mktemp("digits") / "digits")
+
+
+def _copy(digits, tmp_path):
+    import shutil
+    folder = tmp_path / "data"
+    shutil.copytree(digits, folder)
+    return folder
+
+
+def test_classes_must_match_num_classes(digits, tmp_path):
+    """classes.json with 10 classes against a config of 1000: the sentence gives both numbers and the fix."""
+    with pytest.raises(DataError, match=r"has 10 classes \(classes.json\) but the config says num_classes: 1000; "
+                                        r"set data.num_classes to 10"):
+        check_data_folder(digits, num_classes=1000)
+    assert len(check_data_folder(digits, num_classes=10)) == 10
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda f: f.write_bytes(b"PK\x03\x04 a zip file, not FFCV" * 200), "format version"),
+    (lambda f: f.write_bytes(f.read_bytes()[:3000]), "truncated"),
+    (lambda f: f.write_bytes(b"\x02\x00"), "shorter than an FFCV header"),
+])
+def test_foreign_beton_is_named_before_any_loader(digits, tmp_path, damage, problem):
+    """A .beton that FFCV did not write (another format, cut short) is named with what is wrong with it,
+    instead of FFCV's empty AssertionError inside a worker; the rest of the folder is untouched."""
+    folder = _copy(digits, tmp_path)
+    damage(folder / "val.beton")
+    before = (folder / "train.beton").read_bytes()
+    with pytest.raises(DataError, match=f"{folder / 'val.beton'} is not a data file this pipeline wrote "
+                                        f"\\(.*{problem}.*\\); write the data folder again"):
+        check_data_folder(folder, num_classes=10)
+    assert (folder / "train.beton").read_bytes() == before
+
+
+def test_manifest_digest_follows_the_data_not_the_path(digits, tmp_path):
+    """The digest is the same for a copy of the folder and changes when a split or the classes change."""
+    from orchestrator.data.folder import manifest_digest
+    copy = _copy(digits, tmp_path)
+    assert manifest_digest(copy) == manifest_digest(digits) != "absent"
+    (copy / "classes.json").write_text('{"a": 0}')
+    assert manifest_digest(copy) != manifest_digest(digits)
+    assert manifest_digest(tmp_path / "nowhere") == "absent"
