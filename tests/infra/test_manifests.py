@@ -29,20 +29,22 @@ def launcher() -> dict:
 
 @pytest.fixture(scope="module")
 def rayjob() -> dict:
-    return yaml.safe_load((INFRA / "kuberay-rayjob.yaml").read_text())
+    docs = [d for d in yaml.safe_load_all((INFRA / "kuberay-rayjob.yaml").read_text()) if d]
+    return next(d for d in docs if d["kind"] == "RayJob")
 
 
 def test_launcher_runs_ray_of_the_project_on_gpu_workers(launcher):
     """The launcher's image must carry the Ray version the project pins (a driver and a cluster on
-    different Ray versions refuse to talk), the workers must be GPU nodes, and the head must expose the
-    job server on 8265 with token auth (Ray 2.60's default, which `ray job submit` expects)."""
+    different Ray versions refuse to talk), the workers must be GPU nodes, and the head must run the
+    job server on 8265 with token auth (Ray 2.60's default, which `ray job submit` expects), on its
+    loopback only (`ray dashboard` tunnels to it over SSH)."""
     assert launcher["provider"]["type"] == "aws"
     assert f":{_pinned('ray')}-" in launcher["docker"]["image"] and "gpu" in launcher["docker"]["image"]
     workers = launcher["available_node_types"]["gpu_worker"]
     assert workers["resources"]["GPU"] >= 1 and workers["max_workers"] >= 1
     assert launcher["available_node_types"][launcher["head_node_type"]]["resources"]["CPU"] == 0
     head = " ".join(launcher["head_start_ray_commands"])
-    assert "--head" in head and "--dashboard-port=8265" in head and "--dashboard-host=0.0.0.0" in head
+    assert "--head" in head and "--dashboard-port=8265" in head and "--dashboard-host=127.0.0.1" in head
     assert "RAY_AUTH_MODE=token" in head and "--port=6379" in head
     assert any("infra/setup.sh" in c for c in launcher["setup_commands"])
 
@@ -88,14 +90,15 @@ def _mlflow_server_args(argv: list[str]) -> dict[str, str]:
 
 def test_mlflow_compose_uses_postgres_and_proxied_s3():
     """The MLflow server must keep runs in Postgres, proxy artifacts to S3 (clients then need no AWS
-    credentials) and listen on 5000; its image is built from the Dockerfile that adds psycopg2."""
+    credentials) and listen on 5000 (published on the host's loopback); its image is built from the
+    Dockerfile that adds psycopg2."""
     compose = yaml.safe_load((INFRA / "mlflow" / "docker-compose.yaml").read_text())
     server = compose["services"]["mlflow"]
     args = _mlflow_server_args(server["command"])
     assert args["--backend-store-uri"].startswith("postgresql://")
     assert "@postgres:5432/" in args["--backend-store-uri"]
     assert "s3://" in args["--artifacts-destination"] and "--serve-artifacts" in args
-    assert args["--port"] == "5000" and "5000:5000" in server["ports"]
+    assert args["--port"] == "5000" and "127.0.0.1:5000:5000" in server["ports"]
     assert compose["services"]["postgres"]["image"].startswith("postgres:")
     dockerfile = (INFRA / "mlflow" / "Dockerfile").read_text()
     assert f"mlflow:v{_pinned('mlflow')}" in dockerfile and "psycopg2" in dockerfile
