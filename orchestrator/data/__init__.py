@@ -1,4 +1,4 @@
-"""The data room: ImageFolder trees and the embedded digits to FFCV `.beton`, and the loaders that read them.
+"""The data package: ImageFolder trees and the embedded digits to FFCV `.beton`, and the loaders that read them.
 
 Public API (used by the training engine and the pipeline):
 

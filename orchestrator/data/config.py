@@ -1,4 +1,4 @@
-"""Typed settings of the data room: how to read a data folder, and how to write one.
+"""Typed settings of the data package: how to read a data folder, and how to write one.
 
 `DataConfig` is what the training engine passes to `build_loaders`; `WriterConfig` is what
 `pipelines/prepare_data.py` uses to turn an image folder into `.beton` files.

@@ -1,4 +1,4 @@
-"""The one exception the data room raises for bad input: its message is one sentence a user can act on."""
+"""The one exception the data package raises for bad input: its message is one sentence a user can act on."""
 
 
 class DataError(ValueError):

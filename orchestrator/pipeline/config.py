@@ -191,7 +191,7 @@ class AblationsSpec(Strict):
 
 
 class DataSpec(DataConfig):
-    """The data room's DataConfig, plus where the data comes from: `embedded: digits` writes the
+    """The data package's DataConfig, plus where the data comes from: `embedded: digits` writes the
     scikit-learn digits under the work dir; otherwise `path` holds train/val .beton + classes.json."""
 
     path: str | None = None
