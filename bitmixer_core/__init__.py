@@ -13,7 +13,7 @@ from .assignment import (
 from .bitwidths import BitWidths
 from .distillation import distillation_loss
 from .evaluation import evaluate_fixed_bits, evaluate_random_bits
-from .layers import QConv2d, QLinear, QuantizedLayerMixin
+from .layers import QConv2d, QLinear, QuantizedLayerMixin, step_size_parameters
 from .models import available_models, build_model
 from .policies import StagePolicy
 from .quantizer import QuantizerOptions, initial_step_size, quantize, quantize_nested
@@ -23,7 +23,8 @@ from .transitional_bn import TransitionalBatchNorm2d, seed_mixed_transitions
 __all__ = [
     "quantize", "quantize_nested", "QuantizerOptions", "initial_step_size",
     "BitWidths",
-    "QConv2d", "QLinear", "QuantizedLayerMixin", "TransitionalBatchNorm2d", "seed_mixed_transitions",
+    "QConv2d", "QLinear", "QuantizedLayerMixin", "step_size_parameters",
+    "TransitionalBatchNorm2d", "seed_mixed_transitions",
     "quantized_layers", "set_bits", "get_bits", "set_block_bits", "residual_blocks", "set_quantization",
     "BitAssignment", "apply_assignment",
     "StagePolicy",

@@ -3,6 +3,11 @@
 Each layer quantizes its weights and its input activations to the bit-width currently assigned to it, with
 one learnable step size per bit-width, separately for weights (`weight_step_size`) and activations
 (`activation_step_size`). Switching bit-width only changes a Python integer: nothing is allocated.
+
+The step sizes are learned as their logarithms (`log_weight_step_size`, `log_activation_step_size`), so
+alpha = exp(theta) > 0 at every bit-width whatever the optimizer does: with Adam each step moves a
+parameter by about the learning rate, which is larger than a small alpha itself, and a plain alpha was
+seen to cross zero. Training code gives these no weight decay (`step_size_parameters`).
 """
 
 from __future__ import annotations
@@ -12,23 +17,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bitwidths import BitWidths
-from .quantizer import QuantizerOptions, initial_step_size, quantize, quantize_nested
+from .quantizer import QuantizerOptions, fitted_step_size, quantize, quantize_nested
 
 
 class QuantizedLayerMixin:
     """State and behaviour shared by QConv2d and QLinear (weight in `self.weight`)."""
 
-    def _init_quantization(self, bits, quantizer, switchable: bool) -> None:
+    def _init_quantization(self, bits, quantizer, switchable: bool, signed_input: bool) -> None:
         self.bit_widths = BitWidths.coerce(bits)
         self.quantizer = QuantizerOptions.coerce(quantizer)
         # A non-switchable layer (the 8-bit first conv / last FC) keeps its bits whatever set_bits says.
         self.switchable = switchable
+        # Eq. 2's range is for a signed input; an input that is never negative uses [0, 2**b - 1].
+        self.signed_input = bool(signed_input)
         self.quantize_weights = True
         self.quantize_activations = True
         self._bit_index = len(self.bit_widths) - 1  # start at the largest bit-width
         n = len(self.bit_widths)
-        self.weight_step_size = nn.Parameter(torch.ones(n))
-        self.activation_step_size = nn.Parameter(torch.ones(n))
+        self.log_weight_step_size = nn.Parameter(torch.zeros(n))
+        self.log_activation_step_size = nn.Parameter(torch.zeros(n))
         # Which activation step sizes hold a data-driven value (saved, so a resumed run does not re-init).
         self.register_buffer("activation_step_initialized", torch.zeros(n, dtype=torch.bool))
         self._activation_steps_ready = False  # Python cache of activation_step_initialized.all()
@@ -50,13 +57,32 @@ class QuantizedLayerMixin:
         self._bit_index = self.bit_widths.index(bits)
 
     # -- step sizes ------------------------------------------------------------------------------
+    @property
+    def weight_step_size(self) -> torch.Tensor:
+        """alpha of the weights, one per bit-width (always positive)."""
+        return self.log_weight_step_size.exp()
+
+    @property
+    def activation_step_size(self) -> torch.Tensor:
+        """alpha of the input activations, one per bit-width (always positive)."""
+        return self.log_activation_step_size.exp()
+
+    @torch.no_grad()
+    def set_step_size(self, kind: str, rank: int, alpha: torch.Tensor | float) -> None:
+        """Set alpha of `kind` ("weight" or "activation") at bit-width rank `rank` (stored as its log)."""
+        value = torch.as_tensor(alpha, dtype=torch.float32).clamp_min(1e-12).log()
+        getattr(self, f"log_{kind}_step_size")[rank] = value
+
     @torch.no_grad()
     def reset_weight_step_sizes(self) -> None:
-        """LSQ init from the current weights: 2 * mean|W| / sqrt(m_b) for every weight bit-width."""
+        """Init from the current weights (the least-squares fit of quantizer.fitted_step_size) for every
+        weight bit-width."""
         if self.weight.is_meta:  # built on the meta device (shapes only): there is no data to start from
             return
+        q = self.quantizer
         for i, b in enumerate(self.bit_widths.weights):
-            self.weight_step_size[i] = initial_step_size(self.weight, b)
+            self.set_step_size("weight", i, fitted_step_size(self.weight, b, symmetric=q.symmetric,
+                                                             rounding=q.rounding))
 
     @torch.no_grad()
     def _initialise_activation_step(self, x: torch.Tensor) -> None:
@@ -64,7 +90,9 @@ class QuantizedLayerMixin:
         if self.quantizer.nesting == "clip":  # Eq. 3-4 use the largest bit-width's alpha only
             i, bits = len(self.bit_widths) - 1, self.bit_widths.max_bits
         if self._calibrating or not bool(self.activation_step_initialized[i]):
-            self.activation_step_size[i] = initial_step_size(x, bits).clamp_min(1e-8)
+            q = self.quantizer
+            alpha = fitted_step_size(x, bits, signed=self.signed_input, symmetric=q.symmetric, rounding=q.rounding)
+            self.set_step_size("activation", i, alpha.clamp_min(1e-8))
             if self.quantizer.nesting == "clip":
                 self.activation_step_initialized.fill_(True)  # the other entries are never used
             else:
@@ -72,14 +100,15 @@ class QuantizedLayerMixin:
         self._activation_steps_ready = bool(self.activation_step_initialized.all())
 
     # -- quantization ----------------------------------------------------------------------------
-    def _quantize(self, x: torch.Tensor, steps: torch.Tensor, bit_set: tuple[int, ...], numel: int) -> torch.Tensor:
+    def _quantize(self, x: torch.Tensor, log_steps: torch.Tensor, bit_set: tuple[int, ...], numel: int,
+                  signed: bool = True) -> torch.Tensor:
         q = self.quantizer
         bits = bit_set[self._bit_index]
         if q.nesting == "clip":  # Eq. 3-4: the largest bit-width's alpha, shared by every bit-width
-            return quantize_nested(x, steps[-1], bits, bit_set[-1], rounding=q.rounding,
-                                   symmetric=q.symmetric, gradient_numel=numel)
-        return quantize(x, steps[self._bit_index], bits, rounding=q.rounding, symmetric=q.symmetric,
-                        gradient_numel=numel)
+            return quantize_nested(x, log_steps[-1].exp(), bits, bit_set[-1], rounding=q.rounding,
+                                   symmetric=q.symmetric, signed=signed, gradient_numel=numel)
+        return quantize(x, log_steps[self._bit_index].exp(), bits, rounding=q.rounding, symmetric=q.symmetric,
+                        signed=signed, gradient_numel=numel)
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantize_activations:
@@ -87,16 +116,18 @@ class QuantizedLayerMixin:
         if self._calibrating or (self.training and not self._activation_steps_ready):
             self._initialise_activation_step(x)  # LSQ init from the first batch seen in training
         # LSQ's N for activations: features per sample.
-        return self._quantize(x, self.activation_step_size, self.bit_widths.activations, x[0].numel())
+        return self._quantize(x, self.log_activation_step_size, self.bit_widths.activations, x[0].numel(),
+                              signed=self.signed_input)
 
     def quantized_weight(self) -> torch.Tensor:
         if not self.quantize_weights:
             return self.weight  # Stage I: real-valued weights
-        return self._quantize(self.weight, self.weight_step_size, self.bit_widths.weights, self.weight.numel())
+        return self._quantize(self.weight, self.log_weight_step_size, self.bit_widths.weights, self.weight.numel())
 
     def quantization_repr(self) -> str:
         kind = "switchable" if self.switchable else "fixed"
-        return f"bits={self.bit_widths.activations}/w{self.bit_widths.weights} ({kind}), now={self.bits}"
+        inputs = "" if self.signed_input else ", unsigned input"
+        return f"bits={self.bit_widths.activations}/w{self.bit_widths.weights} ({kind}{inputs}), now={self.bits}"
 
 
 def _forget_ready_cache(module, incompatible_keys) -> None:
@@ -105,9 +136,9 @@ def _forget_ready_cache(module, incompatible_keys) -> None:
 
 class QConv2d(QuantizedLayerMixin, nn.Conv2d):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=False, *, bits=BitWidths(), quantizer=None, switchable: bool = True):
+                 bias=False, *, bits=BitWidths(), quantizer=None, switchable: bool = True, signed_input: bool = True):
         nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
-        self._init_quantization(bits, quantizer, switchable)
+        self._init_quantization(bits, quantizer, switchable, signed_input)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
@@ -118,12 +149,19 @@ class QConv2d(QuantizedLayerMixin, nn.Conv2d):
 
 class QLinear(QuantizedLayerMixin, nn.Linear):
     def __init__(self, in_features, out_features, bias=True, *, bits=BitWidths(), quantizer=None,
-                 switchable: bool = True):
+                 switchable: bool = True, signed_input: bool = True):
         nn.Linear.__init__(self, in_features, out_features, bias)
-        self._init_quantization(bits, quantizer, switchable)
+        self._init_quantization(bits, quantizer, switchable, signed_input)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self.quantization_repr()
+
+
+def step_size_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every learned (log) step size of the model: training gives them no weight decay, which would pull
+    log alpha towards 0, i.e. alpha towards 1."""
+    return [p for m in model.modules() if isinstance(m, QuantizedLayerMixin)
+            for p in (m.log_weight_step_size, m.log_activation_step_size)]

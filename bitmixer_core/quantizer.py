@@ -15,6 +15,10 @@ Decisions written down here because the paper leaves them open:
 - rounding="round" uses torch.round, i.e. round-half-to-even.
 - The asymmetric variant (section 4.6) clips to [-2**(b-1), 2**(b-1) - 1]; for b = 1 it is the same
   sign quantizer (a 1-bit asymmetric range {-1, 0} would not be a binary network).
+- Eq. 2's range assumes a signed input (footnote 1). For an input that is never negative (a tensor read
+  straight after a ReLU) the `signed=False` range [0, 2**b - 1] uses every state: floor for every b,
+  so 1 bit is the step {0, alpha} instead of a constant sign(x) = +1. The default network feeds every
+  quantizer a signed tensor (models/resnet.py), so this range is for the other block order only.
 """
 
 from __future__ import annotations
@@ -50,8 +54,10 @@ def sign_pass(x: torch.Tensor) -> torch.Tensor:
     return (sign - x).detach() + x
 
 
-def integer_range(bits: int, symmetric: bool = True) -> tuple[int, int]:
-    """(lowest, highest) integer state of a b-bit quantizer; b = 1 is binary: (-1, 1)."""
+def integer_range(bits: int, symmetric: bool = True, signed: bool = True) -> tuple[int, int]:
+    """(lowest, highest) integer state of a b-bit quantizer; signed b = 1 is binary: (-1, 1)."""
+    if not signed:
+        return 0, 2**bits - 1  # a non-negative input: all 2**b states, {0, 1} at one bit
     if bits == 1:
         return -1, 1
     if symmetric:
@@ -65,14 +71,40 @@ def max_level(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def lsq_gradient_scale(numel: int, bits: int) -> float:
-    """LSQ's gradient scale for the step size: 1 / sqrt(numel * max(m_b, 1))."""
-    return 1.0 / math.sqrt(max(int(numel), 1) * max(max_level(bits), 1))
+def positive_levels(bits: int, signed: bool = True) -> int:
+    """LSQ's Q_P, the highest positive integer state: m_b (taken as 1 for binary), or 2**b - 1 unsigned."""
+    return max(max_level(bits), 1) if signed else 2**bits - 1
 
 
-def initial_step_size(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """LSQ initialisation 2 * mean|x| / sqrt(m_b) (m_b taken as 1 for binary), as a 0-dim tensor."""
-    return 2.0 * x.detach().abs().mean() / math.sqrt(max(max_level(bits), 1))
+def lsq_gradient_scale(numel: int, bits: int, signed: bool = True) -> float:
+    """LSQ's gradient scale for the step size: 1 / sqrt(numel * Q_P)."""
+    return 1.0 / math.sqrt(max(int(numel), 1) * positive_levels(bits, signed))
+
+
+def initial_step_size(x: torch.Tensor, bits: int, signed: bool = True) -> torch.Tensor:
+    """LSQ initialisation 2 * mean|x| / sqrt(Q_P), as a 0-dim tensor."""
+    return 2.0 * x.detach().abs().mean() / math.sqrt(positive_levels(bits, signed))
+
+
+def fitted_step_size(x: torch.Tensor, bits: int, *, signed: bool = True, symmetric: bool = True,
+                     rounding: str = "floor", samples: int = 65536, candidates: int = 48) -> torch.Tensor:
+    """The step size that reproduces x best: the least-squares fit of the b-bit quantizer over a grid of
+    multiples (0.05x to 1.5x) of LSQ's 2 * mean|x| / sqrt(Q_P), on at most `samples` evenly strided values.
+
+    Why not LSQ's value itself: it assumes a bell-shaped input and a rounding quantizer. With floor, state
+    k covers [k alpha, (k+1) alpha), so on a signed input the top state is reached only from x >= m_b alpha:
+    LSQ's alpha leaves it nearly or wholly unused at 2 bits (never, for the near-uniform inputs that follow
+    a BN in early layers), and at 1 bit on unsigned inputs it puts the step above 98 % of the values."""
+    flat = x.detach().float().flatten()
+    if flat.numel() > samples:
+        flat = flat[:: flat.numel() // samples][:samples]
+    lsq = initial_step_size(flat, bits, signed).clamp_min(1e-8)
+    alphas = lsq * torch.linspace(0.05, 1.5, candidates, device=flat.device)
+    lo, hi = integer_range(bits, symmetric, signed)
+    v = (flat[None, :] / alphas[:, None]).clamp(lo, hi)
+    levels = _levels_(v, "sign" if bits == 1 and signed else rounding)
+    error = (levels * alphas[:, None] - flat[None, :]).square().mean(dim=1)
+    return alphas[int(error.argmin())]
 
 
 class _LinearQuantize(torch.autograd.Function):
@@ -143,19 +175,21 @@ def quantize(
     *,
     rounding: str = "floor",
     symmetric: bool = True,
+    signed: bool = True,
     gradient_numel: int | None = None,
 ) -> torch.Tensor:
     """Eq. 2: alpha * q'(clip(x / alpha, lo, hi)), with the LSQ gradients.
 
-    gradient_numel is the N of LSQ's gradient scale 1/sqrt(N * max(m_b, 1)); it defaults to x.numel()
-    (right for weights); layers pass the per-sample feature count for activations.
+    gradient_numel is the N of LSQ's gradient scale 1/sqrt(N * Q_P); it defaults to x.numel()
+    (right for weights); layers pass the per-sample feature count for activations. signed=False is the
+    range [0, 2**b - 1] for inputs that are never negative.
     """
     _check_bits(bits)
     _check_rounding(rounding)
     numel = x.numel() if gradient_numel is None else gradient_numel
-    lo, hi = integer_range(bits, symmetric)
-    q_prime = "sign" if bits == 1 else rounding
-    return _LinearQuantize.apply(x, alpha, lo, hi, q_prime, lsq_gradient_scale(numel, bits))
+    lo, hi = integer_range(bits, symmetric, signed)
+    q_prime = "sign" if bits == 1 and signed else rounding
+    return _LinearQuantize.apply(x, alpha, lo, hi, q_prime, lsq_gradient_scale(numel, bits, signed))
 
 
 def quantize_nested(
@@ -166,12 +200,13 @@ def quantize_nested(
     *,
     rounding: str = "floor",
     symmetric: bool = True,
+    signed: bool = True,
     gradient_numel: int | None = None,
 ) -> torch.Tensor:
     """Eq. 3-4 (section 4.5 ablation): quantize to max_bits with one alpha, then clip the integers to
     the b-bit range, so every bit-width shares the states of the largest one.
 
-    For b = 1 the clipped range would be {0} (m_1 = 0), so binary takes sign of the max-bit integers.
+    For signed b = 1 the clipped range would be {0} (m_1 = 0), so binary takes sign of the max-bit integers.
     """
     _check_bits(bits)
     _check_bits(max_bits)
@@ -179,13 +214,13 @@ def quantize_nested(
     if bits > max_bits:
         raise ValueError(f"bits ({bits}) must not exceed max_bits ({max_bits}) in nested quantization.")
     numel = x.numel() if gradient_numel is None else gradient_numel
-    alpha = grad_scale(alpha, lsq_gradient_scale(numel, max_bits))
-    lo, hi = integer_range(max_bits, symmetric)
+    alpha = grad_scale(alpha, lsq_gradient_scale(numel, max_bits, signed))
+    lo, hi = integer_range(max_bits, symmetric, signed)
     v = torch.clamp(x / alpha, lo, hi)
     levels = floor_pass(v) if rounding == "floor" else round_pass(v)  # Eq. 3: W_n on the integer grid
-    if bits == 1:
+    if bits == 1 and signed:
         return sign_pass(levels) * alpha
-    lo_b, hi_b = integer_range(bits, symmetric)
+    lo_b, hi_b = integer_range(bits, symmetric, signed)
     return torch.clamp(levels, lo_b, hi_b) * alpha  # Eq. 4: W_i = alpha * clip(W_n, -m_i, m_i)
 
 

@@ -13,8 +13,10 @@ bit-width, e.g. (32,) or (8,), so that side contributes one key only.
 
 Modes (Table 1 ablation):
 - "transitional": one entry per (i, j) pair (the paper).
-- "per_bit": one entry per bit-width, as in AdaBits; keyed by the previous layer's bits i (the layer whose
-  output is normalised), or by j when the previous layer has a fixed precision.
+- "per_bit": one entry per bit-width of the current layer, as in AdaBits. The current layer is the one the
+  BN belongs to: the conv it feeds when BNs sit before the quantizers (`current_side="next"`, the default
+  block order) or the conv it normalises in the classic order (`current_side="previous"`). A side with a
+  fixed precision has one bit-width, so the other side keys the entries then.
 - "shared": one plain BN for every assignment.
 """
 
@@ -39,10 +41,13 @@ class TransitionalBatchNorm2d(nn.Module):
         next_bits: Iterable[int] | None = None,
         eps: float = 1e-5,
         momentum: float = 0.1,
+        current_side: str = "next",
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"bn mode must be one of {MODES}, got {mode!r}.")
+        if current_side not in ("previous", "next"):
+            raise ValueError(f"current_side must be 'previous' or 'next', got {current_side!r}.")
         self.num_features = num_features
         self.mode = mode
         self.previous_bits = tuple(bits if previous_bits is None else previous_bits)
@@ -52,7 +57,7 @@ class TransitionalBatchNorm2d(nn.Module):
             keys = pairs
             lookup = {p: k for k, p in enumerate(pairs)}
         elif mode == "per_bit":
-            by_next = len(self.previous_bits) == 1 and len(self.next_bits) > 1
+            by_next = len(self.next_bits) > 1 if current_side == "next" else len(self.previous_bits) == 1
             keys = list(self.next_bits if by_next else self.previous_bits)
             lookup = {(i, j): keys.index(j if by_next else i) for i, j in pairs}
         else:

@@ -1,4 +1,5 @@
 from .registry import MODEL_SPECS, available_models, build_model
-from .resnet import BasicBlock, Bottleneck, ResNet, ResNetSpec
+from .resnet import BLOCK_ORDERS, ResidualBlock, ResNet, ResNetSpec
 
-__all__ = ["MODEL_SPECS", "available_models", "build_model", "BasicBlock", "Bottleneck", "ResNet", "ResNetSpec"]
+__all__ = ["MODEL_SPECS", "available_models", "build_model", "BLOCK_ORDERS", "ResidualBlock", "ResNet",
+           "ResNetSpec"]

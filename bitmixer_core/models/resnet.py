@@ -1,16 +1,30 @@
 """One ResNet class for every architecture of section 5.1 (ResNet-18/34/50 and EBN); variants are data.
 
-Every BN is a TransitionalBatchNorm2d wired to the quantized layer that produced its input ("previous")
-and the quantized layer that consumes its output ("next"):
+Block order. Eq. 2 quantizes into a symmetric range (-m_b, m_b), which assumes a signed input (footnote 1:
+binary activations are sign(x)). Two orders are built:
 
-- inside a block, bn_k sits between conv_k (previous) and conv_{k+1} (next);
-- across a residual connection, the block's last BN and its downsample BN both feed the sum whose output
-  is the input of the next block. That input is consumed by two convs of the next block: its first conv
-  (main path) and, when present, its downsample conv. We take the first conv as "next": it is the layer of
-  the main path the paper's "layer l-1 -> layer l" transition describes, and the downsample shortcut
-  exists only in the first block of a stage, so keying by it would be inconsistent across blocks;
-- the stem BN's previous layer is the fixed-precision first conv (32 or 8 bits, one key);
-- the last block's BNs feed the fixed-precision FC (32 or 8 bits, one key) through the average pool.
+- "bn_quantize_conv" (default): every quantized conv reads BN -> quantizer -> conv, and the ReLU follows
+  the conv, as in the binary and low-bit networks of Bulat & Tzimiropoulos that the paper builds on. The
+  quantizer always sees a zero-centred, signed tensor, so every state of Eq. 2 is used and 1 bit is a
+  real sign. Residual sums are not rectified (pre-activation style); a final BN and ReLU precede the pool.
+- "conv_bn_relu": the classic ResNet order (conv -> BN -> ReLU, ReLU after the sum). Every quantized conv
+  then reads a post-ReLU tensor, so its activations use the unsigned range [0, 2**b - 1] (quantizer.py).
+
+Transitional BN (section 3.2). "If i is the bit-width of layer l-1 and j of layer l, we learn gamma_ij,
+beta_ij": the BN keyed (i, j) is the one whose input comes from layer l-1 and whose output feeds layer l.
+
+- bn_quantize_conv: each quantized conv owns the BN just before its quantizer, keyed by (bits of the layer
+  that produced the BN's input, bits of the conv). The block input feeds two convs in a downsampling
+  block (main path and shortcut): each has its own BN, so each key names exactly the two layers it sits
+  between. The block input is a residual sum; its producer is taken to be the previous block's last
+  main-path conv (the sum's only switchable term besides the identity), or the stem for the first block.
+  The stem's BN sees only the fixed-precision first conv, so it is a plain BN; the final BN sits between
+  the last block's conv and the fixed-precision FC.
+- conv_bn_relu: bn_k sits between conv_k and conv_{k+1}; a block's output BNs (main path and downsample)
+  feed the next block, whose first conv is taken as "next" (the downsample conv exists only in the first
+  block of a stage, so keying by it would be inconsistent across blocks).
+
+A fixed-precision side (the FP32 or 8-bit first conv and last FC) has one key, 32 or 8 bits.
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ from ..quantizer import QuantizerOptions
 from ..transitional_bn import TransitionalBatchNorm2d
 
 FIXED_INT8 = BitWidths.same((8,))
+BLOCK_ORDERS = ("bn_quantize_conv", "conv_bn_relu")
 
 
 @dataclass(frozen=True)
@@ -42,95 +57,109 @@ class ResNetSpec:
 class _LayerFactory:
     """Builds the network's convs and BNs: quantized (the meta-network) or plain (the benchmark's baseline)."""
 
-    def __init__(self, bits: BitWidths, quantizer: QuantizerOptions, bn: str, plain: bool):
+    def __init__(self, bits: BitWidths, quantizer: QuantizerOptions, bn: str, plain: bool, block_order: str):
         self.bits, self.quantizer, self.bn, self.plain = bits, quantizer, bn, plain
+        self.norm_first = block_order == "bn_quantize_conv"
 
     def conv(self, cin, cout, k, stride=1, groups=1):
         if self.plain:
             return nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)
-        return QConv2d(cin, cout, k, stride, k // 2, groups=groups, bits=self.bits, quantizer=self.quantizer)
+        return QConv2d(cin, cout, k, stride, k // 2, groups=groups, bits=self.bits, quantizer=self.quantizer,
+                       signed_input=self.norm_first)  # classic order: post-ReLU, never negative
 
     def norm(self, channels, previous_bits=None, next_bits=None):
         if self.plain:
             return nn.BatchNorm2d(channels)
         acts = self.bits.activations
+        # The layer a BN belongs to (Table 1's "per bit-width" BNs): the conv it feeds when BNs come first.
         return TransitionalBatchNorm2d(channels, acts, self.bn, previous_bits=previous_bits or acts,
-                                       next_bits=next_bits or acts)
+                                       next_bits=next_bits or acts,
+                                       current_side="next" if self.norm_first else "previous")
 
 
-class _ResidualBlock(nn.Module):
-    """What both block types share: the shortcut, and which BNs feed the next block."""
+class ResidualBlock(nn.Module):
+    """A residual block of `len(convs)` quantized convs (conv1, bn1, conv2, bn2, ...) and a shortcut.
+
+    `convs` lists (in, out, kernel, stride, groups) of the main path; BasicBlock and Bottleneck are two
+    such lists. The shortcut is the identity, or a strided 1x1 conv with its BN when the shape changes.
+    `input_bits` / `next_bits` are the one key of a fixed-precision side: the stem before the first block
+    (BN-first order) or the FC after the last one (classic order)."""
 
     bitmixer_block = True
-    output_norm_name = output_conv_name = ""  # the main path's last BN and the conv before it
 
-    def _add_shortcut(self, make: _LayerFactory, cin, cout, stride, next_bits):
+    def __init__(self, make: _LayerFactory, convs, cin, cout, stride, order: str, input_bits=None,
+                 next_bits=None):
+        super().__init__()
+        self.order, self.depth = order, len(convs)
+        norm_first = order == "bn_quantize_conv"
+        for k, (c_in, c_out, kernel, s, groups) in enumerate(convs, start=1):
+            conv = make.conv(c_in, c_out, kernel, s, groups)
+            last = k == len(convs)
+            if norm_first:
+                norm = make.norm(c_in, previous_bits=input_bits if k == 1 else None)
+            else:
+                norm = make.norm(c_out, next_bits=next_bits if last else None)
+            setattr(self, f"conv{k}", conv)  # registered before the BN: quantized_layers keeps forward order
+            setattr(self, f"bn{k}", norm)
         self.downsample = None
         if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(make.conv(cin, cout, 1, stride), make.norm(cout, next_bits=next_bits))
+            conv = make.conv(cin, cout, 1, stride)
+            self.downsample = (nn.Sequential(make.norm(cin, previous_bits=input_bits), conv) if norm_first
+                               else nn.Sequential(conv, make.norm(cout, next_bits=next_bits)))
         self.relu = nn.ReLU(inplace=True)
 
-    def output_norms(self):
-        """(BN, the conv that produced its input) for the BNs that feed the next block."""
-        out = [(getattr(self, self.output_norm_name), getattr(self, self.output_conv_name))]
-        if self.downsample is not None:
-            out.append((self.downsample[1], self.downsample[0]))
-        return out
+    def main_path(self):
+        return [(getattr(self, f"conv{k}"), getattr(self, f"bn{k}")) for k in range(1, self.depth + 1)]
 
     def first_conv(self):
         return self.conv1
 
-    def _add_identity(self, out, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
-
-
-class BasicBlock(_ResidualBlock):
-    expansion = 1
-    output_norm_name, output_conv_name = "bn2", "conv2"
-
-    def __init__(self, make: _LayerFactory, cin, width, stride, groups, next_bits=None):
-        super().__init__()
-        cout = width * self.expansion
-        self.conv1 = make.conv(cin, width, 3, stride, groups)
-        self.bn1 = make.norm(width)
-        self.conv2 = make.conv(width, cout, 3, 1, groups)
-        self.bn2 = make.norm(cout, next_bits=next_bits)
-        self._add_shortcut(make, cin, cout, stride, next_bits)
-
-    def internal_transitions(self):
-        return [(self.bn1, self.conv1, self.conv2)]
+    def last_conv(self):
+        return getattr(self, f"conv{self.depth}")
 
     def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self._add_identity(self.bn2(self.conv2(out)), x)
+        out = x
+        if self.order == "bn_quantize_conv":
+            for k, (conv, norm) in enumerate(self.main_path(), start=1):
+                out = conv(norm(out))
+                if k < self.depth:
+                    out = self.relu(out)
+            return out + (x if self.downsample is None else self.downsample(x))
+        for k, (conv, norm) in enumerate(self.main_path(), start=1):
+            out = norm(conv(out))
+            if k < self.depth:
+                out = self.relu(out)
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+    def wire(self, producer, following) -> None:
+        """Tell each BN its (previous, next) layers: `producer` made the block input, `following` reads the
+        block output (used by the classic order only)."""
+        convs = [conv for conv, _ in self.main_path()]
+        if self.order == "bn_quantize_conv":
+            for k, (conv, norm) in enumerate(self.main_path()):
+                norm.wire(producer if k == 0 else convs[k - 1], conv)
+            if self.downsample is not None:
+                self.downsample[0].wire(producer, self.downsample[1])
+            return
+        for k, (conv, norm) in enumerate(self.main_path()):
+            norm.wire(conv, convs[k + 1] if k + 1 < len(convs) else following)
+        if self.downsample is not None:
+            self.downsample[1].wire(self.downsample[0], following)
 
 
-class Bottleneck(_ResidualBlock):
-    expansion = 4
-    output_norm_name, output_conv_name = "bn3", "conv3"
-
-    def __init__(self, make: _LayerFactory, cin, width, stride, groups, next_bits=None):
-        super().__init__()
-        cout = width * self.expansion
-        self.conv1 = make.conv(cin, width, 1)
-        self.bn1 = make.norm(width)
-        self.conv2 = make.conv(width, width, 3, stride, groups)
-        self.bn2 = make.norm(width)
-        self.conv3 = make.conv(width, cout, 1)
-        self.bn3 = make.norm(cout, next_bits=next_bits)
-        self._add_shortcut(make, cin, cout, stride, next_bits)
-
-    def internal_transitions(self):
-        return [(self.bn1, self.conv1, self.conv2), (self.bn2, self.conv2, self.conv3)]
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        return self._add_identity(self.bn3(self.conv3(out)), x)
+def basic_block(make, cin, width, stride, groups, order, input_bits=None, next_bits=None) -> ResidualBlock:
+    """Two 3x3 convs (ResNet-18/34, EBN)."""
+    convs = [(cin, width, 3, stride, groups), (width, width, 3, 1, groups)]
+    return ResidualBlock(make, convs, cin, width, stride, order, input_bits, next_bits)
 
 
-BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+def bottleneck_block(make, cin, width, stride, groups, order, input_bits=None, next_bits=None) -> ResidualBlock:
+    """1x1 reduce, 3x3, 1x1 expand by 4 (ResNet-50)."""
+    convs = [(cin, width, 1, 1, 1), (width, width, 3, stride, groups), (width, 4 * width, 1, 1, 1)]
+    return ResidualBlock(make, convs, cin, 4 * width, stride, order, input_bits, next_bits)
+
+
+BLOCKS = {"basic": (basic_block, 1), "bottleneck": (bottleneck_block, 4)}  # builder, channel expansion
 
 
 class ResNet(nn.Module):
@@ -144,6 +173,7 @@ class ResNet(nn.Module):
         first_last: str = "fp32",
         bn: str = "transitional",
         quantizer: QuantizerOptions = QuantizerOptions(),
+        block_order: str = "bn_quantize_conv",
         plain: bool = False,
     ):
         super().__init__()
@@ -153,19 +183,24 @@ class ResNet(nn.Module):
             raise ValueError(f"first_last must be 'fp32' or 'int8', got {first_last!r}.")
         if spec.block not in BLOCKS:
             raise ValueError(f"block must be one of {sorted(BLOCKS)}, got {spec.block!r}.")
-        self.spec, self.stem_kind, self.first_last = spec, stem, first_last
-        make = _LayerFactory(bits, quantizer, bn, plain)
+        if block_order not in BLOCK_ORDERS:
+            raise ValueError(f"block_order must be one of {BLOCK_ORDERS}, got {block_order!r}.")
+        self.spec, self.stem_kind, self.first_last, self.block_order = spec, stem, first_last, block_order
+        norm_first = block_order == "bn_quantize_conv"
+        make = _LayerFactory(bits, quantizer, bn, plain, block_order)
         fixed_bits = 32 if first_last == "fp32" else 8
-        block_cls = BLOCKS[spec.block]
+        build_block, expansion = BLOCKS[spec.block]
 
-        # Stem: the first conv is never switched (full precision or 8 bits).
+        # Stem: the first conv is never switched (full precision or 8 bits); its input is the signed image.
         k, s = (7, 2) if stem == "imagenet" else (3, 1)
         if first_last == "fp32" or plain:
             self.conv1 = nn.Conv2d(3, spec.stem_width, k, s, k // 2, bias=False)
         else:
             self.conv1 = QConv2d(3, spec.stem_width, k, s, k // 2, bits=FIXED_INT8, quantizer=quantizer,
                                  switchable=False)
-        self.bn1 = make.norm(spec.stem_width, previous_bits=(fixed_bits,))
+        # With BN before every quantizer, the stem BN sees only the fixed first conv: one plain BN.
+        self.bn1 = (nn.BatchNorm2d(spec.stem_width) if norm_first or plain
+                    else make.norm(spec.stem_width, previous_bits=(fixed_bits,)))
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1) if stem == "imagenet" else nn.Identity()
 
@@ -175,19 +210,25 @@ class ResNet(nn.Module):
             blocks = []
             for b in range(n_blocks):
                 stride = 2 if (i > 0 and b == 0) else 1
-                is_last = i == len(spec.blocks) - 1 and b == n_blocks - 1
-                # The last block's output BNs feed the fixed-precision FC: their next side has one key.
-                blocks.append(block_cls(make, cin, width, stride, groups, (fixed_bits,) if is_last else None))
-                cin = width * block_cls.expansion
+                is_first, is_last = i == 0 and b == 0, i == len(spec.blocks) - 1 and b == n_blocks - 1
+                # BN-first order: the first block's input BNs follow the fixed-precision stem (one key);
+                # classic order: the last block's output BNs feed the fixed-precision FC (one key).
+                input_bits = (fixed_bits,) if is_first and norm_first else None
+                next_bits = (fixed_bits,) if is_last and not norm_first else None
+                blocks.append(build_block(make, cin, width, stride, groups, block_order, input_bits, next_bits))
+                cin = width * expansion
             stages.append(nn.Sequential(*blocks))
         self.stages = len(stages)
         for i, stage in enumerate(stages, start=1):
             setattr(self, f"layer{i}", stage)
+        # Pre-activation style: the residual stream is normalised and rectified once, before the pool.
+        self.bn_out = make.norm(cin, next_bits=(fixed_bits,)) if norm_first else nn.Identity()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         if first_last == "fp32" or plain:
             self.fc = nn.Linear(cin, num_classes)
-        else:
-            self.fc = QLinear(cin, num_classes, bits=FIXED_INT8, quantizer=quantizer, switchable=False)
+        else:  # its input is post-ReLU in both orders: the unsigned 8-bit range
+            self.fc = QLinear(cin, num_classes, bits=FIXED_INT8, quantizer=quantizer, switchable=False,
+                              signed_input=False)
 
         self._init_weights()
         if not plain:
@@ -198,13 +239,14 @@ class ResNet(nn.Module):
         blocks = [blk for stage in stages for blk in stage]
         first = self.conv1 if isinstance(self.conv1, QuantizedLayerMixin) else fixed_bits
         fc = self.fc if isinstance(self.fc, QuantizedLayerMixin) else fixed_bits
-        self.bn1.wire(first, blocks[0].first_conv())
+        if isinstance(self.bn1, TransitionalBatchNorm2d):
+            self.bn1.wire(first, blocks[0].first_conv())
+        producer = first
         for i, blk in enumerate(blocks):
-            for norm, previous, nxt in blk.internal_transitions():
-                norm.wire(previous, nxt)
-            following = blocks[i + 1].first_conv() if i + 1 < len(blocks) else fc
-            for norm, previous in blk.output_norms():
-                norm.wire(previous, following)
+            blk.wire(producer, blocks[i + 1].first_conv() if i + 1 < len(blocks) else fc)
+            producer = blk.last_conv()
+        if isinstance(self.bn_out, TransitionalBatchNorm2d):
+            self.bn_out.wire(producer, fc)
         for m in self.modules():
             if isinstance(m, TransitionalBatchNorm2d):
                 m.refresh()
@@ -224,4 +266,6 @@ class ResNet(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for i in range(1, self.stages + 1):
             x = getattr(self, f"layer{i}")(x)
+        if self.block_order == "bn_quantize_conv":
+            x = self.relu(self.bn_out(x))
         return self.fc(torch.flatten(self.avgpool(x), 1))

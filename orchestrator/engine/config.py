@@ -109,14 +109,21 @@ class PolicyConfig(BaseModel):
         return self
 
 
+def model_reference(uri: str) -> str:
+    """`uri` if the one model loader accepts its source (a local path, runs:/, models:/, s3://); checked when
+    the config is read, before Ray starts (orchestrator/engine/checkpoint.py)."""
+    from orchestrator.engine.checkpoint import check_model_reference
+    return check_model_reference(uri)
+
+
 class DistillConfig(BaseModel):
     """Knowledge distillation from a frozen teacher of the same architecture (section 4.3)."""
 
     model_config = ConfigDict(extra="forbid")
 
     teacher: Literal["none", "path"] = Field("none", description="'path': load the teacher from teacher_uri.")
-    teacher_uri: str | None = Field(None, description="A model.pt path, or an MLflow URI (runs:/<id>/model.pt, "
-                                                      "models:/..., mlflow-artifacts:/...) of one.")
+    teacher_uri: str | None = Field(None, description="A model.pt: a local path, runs:/<id>/model.pt, "
+                                                      "models:/<name>/<version> or s3://bucket/key.")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature of the KD term.")
     weight: float = Field(1.0, ge=0, description="Weight of the KD term: loss = CE + weight * T^2 * KL.")
 
@@ -126,6 +133,11 @@ class DistillConfig(BaseModel):
             raise ValueError("distill.teacher_uri is required when distill.teacher is 'path'; give a model.pt "
                              "path or an MLflow URI.")
         return self
+
+    @field_validator("teacher_uri")
+    @classmethod
+    def _teacher_source(cls, uri: str | None) -> str | None:
+        return None if uri is None else model_reference(uri)
 
 
 class DeepSpeedConfig(BaseModel):
@@ -180,6 +192,11 @@ class StageConfig(BaseModel):
     storage_path: str = Field("./runs", description="Ray storage for checkpoints: a local folder or s3://...")
     max_failures: int = Field(1, ge=0, description="Worker failures tolerated (resume from last checkpoint).")
     debug: DebugConfig = DebugConfig()
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_source(cls, uri: str | None) -> str | None:
+        return None if uri is None else model_reference(uri)
 
     @model_validator(mode="after")
     def _consistent(self) -> "StageConfig":

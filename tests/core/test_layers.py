@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from bitmixer_core.quantizer import fitted_step_size
 from bitmixer_core import (BitAssignment, BitWidths, QConv2d, QLinear, apply_assignment, build_model,
                            calibrate_activation_step_sizes, get_bits, quantized_layers, reinitialize_weight_step_sizes,
                            set_quantization)
@@ -24,14 +25,14 @@ def test_bitwidths_are_validated():
 
 
 def test_step_sizes_are_parameters_one_per_bit_width_initialised_from_weights():
-    """weight_step_size / activation_step_size are parameters, one entry per bit-width; weight ones are
-    2 mean|W| / sqrt(m_b) at construction (m = 1 for binary)."""
+    """The step sizes are learned as log alpha, one entry per bit-width; weight ones start at the
+    least-squares fit of the quantizer to the weights (fitted_step_size) at construction."""
     layer = QConv2d(4, 8, 3, padding=1, bits=BitWidths(weights=(1, 3, 4), activations=(2, 3, 4)))
     names = dict(layer.named_parameters())
-    assert names["weight_step_size"].shape == (3,) and names["activation_step_size"].shape == (3,)
-    mean_abs = layer.weight.detach().abs().mean().item()
-    expected = [2 * mean_abs / math.sqrt(m) for m in (1, 3, 7)]
+    assert names["log_weight_step_size"].shape == (3,) and names["log_activation_step_size"].shape == (3,)
+    expected = [fitted_step_size(layer.weight, b).item() for b in (1, 3, 4)]
     assert layer.weight_step_size.tolist() == pytest.approx(expected, rel=1e-5)
+    assert all(a > 0 for a in expected)
 
 
 def test_activation_step_initialised_from_first_training_batch_only():
@@ -42,9 +43,10 @@ def test_activation_step_initialised_from_first_training_batch_only():
     layer(x)
     i = layer.bit_widths.index(layer.bits)
     assert bool(layer.activation_step_initialized[i])
-    assert layer.activation_step_size[i].item() == pytest.approx(2 * x.abs().mean().item() / math.sqrt(7), rel=1e-5)
+    first = fitted_step_size(x, layer.bits).item()
+    assert layer.activation_step_size[i].item() == pytest.approx(first, rel=1e-5)
     layer(x * 100)
-    assert layer.activation_step_size[i].item() == pytest.approx(2 * x.abs().mean().item() / math.sqrt(7), rel=1e-5)
+    assert layer.activation_step_size[i].item() == pytest.approx(first, rel=1e-5)
     assert "activation_step_initialized" in layer.state_dict()
 
 
@@ -72,8 +74,8 @@ def test_stage_one_leaves_weights_real(tiny):
     _, layer = quantized_layers(model)[0]
     assert layer.quantized_weight() is layer.weight
     model(images).sum().backward()
-    assert layer.weight_step_size.grad is None or not layer.weight_step_size.grad.any()
-    assert layer.activation_step_size.grad is not None and layer.activation_step_size.grad.abs().sum() > 0
+    assert layer.log_weight_step_size.grad is None or not layer.log_weight_step_size.grad.any()
+    assert layer.log_activation_step_size.grad is not None and layer.log_activation_step_size.grad.abs().sum() > 0
     set_quantization(model, weights=True, activations=True)
     w = layer.quantized_weight().detach()
     levels = w / layer.weight_step_size[layer.bit_widths.index(layer.bits)].detach()
@@ -86,7 +88,7 @@ def test_reinitialize_weight_step_sizes_follows_current_weights():
     with torch.no_grad():
         layer.weight.mul_(10)
     reinitialize_weight_step_sizes(layer)
-    assert layer.weight_step_size[-1].item() == pytest.approx(2 * layer.weight.abs().mean().item() / math.sqrt(7), rel=1e-5)
+    assert layer.weight_step_size[-1].item() == pytest.approx(fitted_step_size(layer.weight, 4).item(), rel=1e-5)
 
 
 def test_clip_nesting_layers_share_the_largest_bit_widths_step_size():
@@ -100,3 +102,34 @@ def test_clip_nesting_layers_share_the_largest_bit_widths_step_size():
     alpha = layer.activation_step_size[-1].detach()
     levels = layer.quantized_input(x).detach() / alpha
     assert set(torch.unique(levels).round().tolist()) <= {-1.0, 0.0, 1.0}
+
+
+def test_step_sizes_stay_positive_under_a_large_learning_rate():
+    """300 Adam steps at lr 0.05 (with weight decay on the other parameters) leave every step size of
+    every layer and bit-width positive and finite: alpha is learned as its logarithm. A plain alpha of
+    about 0.01 moved by ~lr a step would cross zero within a few steps."""
+    from bitmixer_core import StagePolicy, step_size_parameters
+    torch.manual_seed(0)
+    model = build_model("resnet_tiny", num_classes=4, stem="small", first_last="int8")
+    images, labels = torch.randn(16, 3, 16, 16), torch.randint(0, 4, (16,))
+    calibrate_activation_step_sizes(model, images)
+    steps = {id(p) for p in step_size_parameters(model)}
+    others = [p for p in model.parameters() if id(p) not in steps]
+    optimizer = torch.optim.Adam([{"params": others, "weight_decay": 1e-4},
+                                  {"params": step_size_parameters(model), "weight_decay": 0.0}], lr=0.05)
+    policy, g = StagePolicy.stage_three(k=1.0, ramp_epochs=0), torch.Generator().manual_seed(0)
+    names = [n for n, _ in quantized_layers(model)]
+    smallest = math.inf
+    for _ in range(300):
+        apply_assignment(model, policy.sample(names, None, 1.0, g))
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        smallest = min(smallest, min(float(m.weight_step_size.min()) for _, m in quantized_layers(model)))
+    for module in model.modules():
+        if hasattr(module, "log_weight_step_size"):
+            for alpha in (module.weight_step_size, module.activation_step_size):
+                assert torch.isfinite(alpha).all() and (alpha > 0).all()
+    assert smallest > 0
+    assert len(step_size_parameters(model)) == 2 * sum(1 for m in model.modules() if hasattr(m, "log_weight_step_size"))

@@ -27,18 +27,27 @@ def test_registry_lists_the_papers_architectures():
         build_model("resnet_tiny", num_classes=10, first_last="int4")
 
 
+def split_parameters(model):
+    """(conv + FC parameters, BN parameters, step sizes)."""
+    steps = sum(p.numel() for n, p in model.named_parameters() if n.endswith("step_size"))
+    norms = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters())
+    return sum(p.numel() for p in model.parameters()) - steps - norms, norms, steps
+
+
 def test_resnet18_has_standard_size_and_tbn_adds_under_one_percent():
     """ResNet-18 (ImageNet stem, FP32 first/last, one BN) has the standard 11,689,512 parameters besides
-    step sizes; Transitional BNs plus step sizes add under 1% for bits (2, 3, 4)."""
-    def split(model):
-        steps = sum(p.numel() for n, p in model.named_parameters() if n.endswith("step_size"))
-        return sum(p.numel() for p in model.parameters()) - steps, steps
-    base, _ = split(build_shapes_only("resnet18", num_classes=1000, bn="shared"))
-    assert base == 11_689_512
-    full, steps = split(build_shapes_only("resnet18", num_classes=1000))
-    extra = full + steps - base
-    print(f"\nresnet18: {base:,} standard params; TBN + step sizes add {extra:,} ({100 * extra / base:.3f}%)")
-    assert 0 < extra / base < 0.01
+    step sizes in the classic block order; with BNs before the quantizers the convs and FC are the same
+    and only the BNs' channel counts move (9,600 standard BN parameters become 8,832); Transitional BNs
+    plus step sizes add under 1% for bits (2, 3, 4)."""
+    classic = build_shapes_only("resnet18", num_classes=1000, bn="shared", block_order="conv_bn_relu")
+    weights, norms, _ = split_parameters(classic)
+    assert weights + norms == 11_689_512 and norms == 9_600
+    base = build_shapes_only("resnet18", num_classes=1000, bn="shared")
+    assert split_parameters(base)[:2] == (weights, 8_832)
+    full, full_norms, steps = split_parameters(build_shapes_only("resnet18", num_classes=1000))
+    extra = full_norms + steps - 8_832
+    print(f"\nresnet18: TBN + step sizes add {extra:,} parameters ({100 * extra / (weights + 8_832):.3f}%)")
+    assert full == weights and 0 < extra / (weights + 8_832) < 0.01
 
 
 def test_big_models_build_with_expected_structure():
@@ -48,8 +57,10 @@ def test_big_models_build_with_expected_structure():
         assert sum(p.numel() for p in build_shapes_only(name, num_classes=10).parameters()) > 0
     sizes = {"resnet34": 21_797_672, "resnet50": 25_557_032}
     for name, size in sizes.items():
-        model = build_shapes_only(name, num_classes=1000, bn="shared")
+        model = build_shapes_only(name, num_classes=1000, bn="shared", block_order="conv_bn_relu")
         assert sum(p.numel() for n, p in model.named_parameters() if not n.endswith("step_size")) == size
+        norm_first = build_shapes_only(name, num_classes=1000, bn="shared")
+        assert split_parameters(norm_first)[0] == split_parameters(model)[0]  # same convs and FC
     ebn = build_shapes_only("ebn_4_8_16_32", num_classes=1000)
     assert [ebn.layer1[0].conv1.groups, ebn.layer2[0].conv1.groups, ebn.layer3[1].conv2.groups,
             ebn.layer4[1].conv2.groups] == [4, 8, 16, 32]

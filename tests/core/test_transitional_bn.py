@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from bitmixer_core import TransitionalBatchNorm2d, build_model, set_bits, set_quantization
+from bitmixer_core import (TransitionalBatchNorm2d, build_model, calibrate_activation_step_sizes, set_bits,
+                           set_quantization)
 
 
 def randomise_entries(model):
@@ -29,12 +30,12 @@ def test_every_pair_has_its_own_entry_and_modes_shrink_it():
 
 
 def test_previous_layer_bits_alone_change_the_entry_and_the_output():
-    """Between layer1.0.conv2 (previous) and layer2.0.conv1 (next): changing only the previous layer's
-    bits selects another (i, j) entry, and the BN output changes with it."""
+    """The BN before layer2.0.conv1 sits between layer1.0.conv2 (previous) and layer2.0.conv1 (next):
+    changing only the previous layer's bits selects another (i, j) entry, and the BN output changes."""
     model = build_model("resnet_tiny", num_classes=10, stem="small")
     randomise_entries(model)
     model.eval()
-    bn = model.layer1[0].bn2
+    bn = model.layer2[0].bn1
     set_bits(model, 4)
     x = torch.randn(2, bn.num_features, 5, 5)
     assert bn.transition == (4, 4)
@@ -46,18 +47,61 @@ def test_previous_layer_bits_alone_change_the_entry_and_the_output():
     assert bn.transition == (2, 3)
 
 
+def test_shortcut_conv_has_its_own_bn_keyed_by_its_own_bits():
+    """The block input feeds two quantized convs in a downsampling block: each has its own BN, keyed by
+    (bits of the layer that made the input, bits of that conv)."""
+    model = build_model("resnet_tiny", num_classes=10, stem="small")
+    set_bits(model, {"layer1.0.conv2": 3, "layer2.0.conv1": 2, "layer2.0.downsample.1": 4})
+    assert model.layer2[0].bn1.transition == (3, 2)
+    assert model.layer2[0].downsample[0].transition == (3, 4)
+
+
+def test_transitional_statistics_depend_on_the_previous_layers_bits():
+    """Training-mode passes with layer1.0.conv1 at 2 bits and at 4 bits (conv2 fixed) leave different
+    running statistics in the (2, j) and (4, j) entries of the BN between them: the entries track what
+    the previous layer's precision does to the features."""
+    torch.manual_seed(0)
+    model = build_model("resnet_tiny", num_classes=10, stem="small")
+    images = torch.randn(16, 3, 32, 32)
+    calibrate_activation_step_sizes(model, images)
+    model.train()
+    bn = model.layer1[0].bn2
+    for bits in (2, 4):
+        set_bits(model, 4)
+        set_bits(model, {"layer1.0.conv1": bits})
+        for _ in range(20):
+            model(images)
+    low, high = bn.entries[bn.entry_keys.index((2, 4))], bn.entries[bn.entry_keys.index((4, 4))]
+    assert low.num_batches_tracked == high.num_batches_tracked == 20
+    gap = (low.running_var - high.running_var).abs() / high.running_var
+    assert gap.max() > 0.05, gap
+
+
 def test_fixed_sides_and_fp32_mode():
-    """The stem BN's previous side is the fixed first conv (32 bits when FP32, 8 when int8); the last
-    block's BNs feed the fixed FC; with activations not quantized every BN uses its (max, max) entry."""
+    """The first block's input BNs follow the fixed first conv (32 bits when FP32, 8 when int8); the final
+    BN feeds the fixed FC; with activations not quantized every BN uses its (max, max) entry."""
     model = build_model("resnet_tiny", num_classes=10, stem="small", first_last="int8")
     set_bits(model, 2)
-    assert model.bn1.transition == (8, 2)
-    assert model.layer4[0].bn2.transition == (2, 8)
-    assert model.layer4[0].downsample[1].transition == (2, 8)
+    assert model.layer1[0].bn1.transition == (8, 2)
+    assert model.bn_out.transition == (2, 8)
+    assert model.layer2[0].downsample[0].transition == (2, 2)
     set_quantization(model, weights=False, activations=False)
-    assert model.layer1[0].bn1.transition == (4, 4) and model.bn1.transition == (8, 4)
+    assert model.layer1[0].bn2.transition == (4, 4) and model.layer1[0].bn1.transition == (8, 4)
     fp = build_model("resnet_tiny", num_classes=10, stem="small")
-    assert fp.bn1.previous_bits == (32,) and fp.layer4[0].bn2.next_bits == (32,)
+    assert fp.layer1[0].bn1.previous_bits == (32,) and fp.bn_out.next_bits == (32,)
+    assert isinstance(fp.bn1, torch.nn.BatchNorm2d)  # the stem BN sees only the fixed first conv
+
+
+def test_classic_block_order_keys_bns_by_the_conv_before_and_the_next_block():
+    """block_order="conv_bn_relu": bn_k sits between conv_k and conv_k+1, a block's output BNs (main path
+    and downsample) between its convs and the next block's first conv; the stem BN after the fixed conv."""
+    model = build_model("resnet_tiny", num_classes=10, stem="small", first_last="int8", block_order="conv_bn_relu")
+    set_bits(model, {"layer1.0.conv1": 2, "layer1.0.conv2": 3, "layer2.0.conv1": 4})
+    assert model.layer1[0].bn1.transition == (2, 3)
+    assert model.layer1[0].bn2.transition == (3, 4)
+    set_bits(model, 2)
+    assert model.bn1.transition == (8, 2)
+    assert model.layer4[0].bn2.transition == (2, 8) and model.layer4[0].downsample[1].transition == (2, 8)
 
 
 def test_state_dict_round_trip_keeps_every_pair():
@@ -65,7 +109,7 @@ def test_state_dict_round_trip_keeps_every_pair():
     source = build_model("resnet_tiny", num_classes=10, stem="small")
     randomise_entries(source)
     state = source.state_dict()
-    assert sum(k.startswith("layer1.0.bn1.entries.") and k.endswith(".weight") for k in state) == 9
+    assert sum(k.startswith("layer1.0.bn2.entries.") and k.endswith(".weight") for k in state) == 9
     target = build_model("resnet_tiny", num_classes=10, stem="small")
     target.load_state_dict(state)
     for k, v in target.state_dict().items():
@@ -81,13 +125,17 @@ def test_copies_keep_their_own_wiring():
     assert twin.layer1[0].bn2.transition == (2, 2) and model.layer1[0].bn2.transition == (4, 4)
 
 
-def test_per_bit_mode_keys_by_the_producing_layer():
-    """bn="per_bit" (AdaBits-style ablation) keys a BN by its previous layer's bits, or by the next
-    layer's when the previous one has a fixed precision."""
+def test_per_bit_mode_keys_by_the_current_layer():
+    """bn="per_bit" (Table 1's "w/o Transitional BN"): one BN per bit-width of the layer the BN belongs to,
+    the conv it feeds when BNs come first, the conv it normalises in the classic order."""
     model = build_model("resnet_tiny", num_classes=10, stem="small", bn="per_bit")
-    set_bits(model, {"layer1.0.conv2": 2, "layer1.0.conv1": 3})
-    assert model.layer1[0].bn2.transition == 2
-    assert model.bn1.transition == 3
+    set_bits(model, {"layer1.0.conv1": 3, "layer1.0.conv2": 2, "layer4.0.conv2": 2})
+    assert model.layer1[0].bn2.transition == 2 and model.layer1[0].bn1.transition == 3
+    assert model.bn_out.transition == 2  # the FC is fixed: keyed by the last conv
+    classic = build_model("resnet_tiny", num_classes=10, stem="small", bn="per_bit", block_order="conv_bn_relu")
+    set_bits(classic, {"layer1.0.conv2": 2, "layer1.0.conv1": 3})
+    assert classic.layer1[0].bn2.transition == 2
+    assert classic.bn1.transition == 3
 
 
 def test_stage_three_seeding_copies_uniform_entries_into_mixed_ones():
