@@ -195,3 +195,25 @@ def test_find_subnets_cli_refuses_a_crafted_file(crafted, tmp_path):
     assert done.returncode == 2, done.stderr[-3000:]
     assert REFUSAL in done.stderr and "Traceback" not in done.stderr
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("field", ["init_from", "teacher_uri"])
+def test_stage_config_refuses_other_sources_before_ray(field, tmp_path):
+    """A stage whose init_from or teacher_uri is an http(s) URL fails when its config is read (before Ray
+    starts), naming the field and the accepted sources."""
+    from pydantic import ValidationError
+
+    from orchestrator.engine.config import StageConfig
+
+    data = tmp_path / "data"
+    data.mkdir()
+    settings = dict(name="s", model=dict(name=MODEL_NAME, num_classes=10, stem="small"),
+                    data=dict(path=str(data), batch_size=32), policy=dict(stage="two"),
+                    tracking=dict(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    if field == "init_from":
+        settings["init_from"] = "https://example.com/model.pt"
+    else:
+        settings["distill"] = dict(teacher="path", teacher_uri="https://example.com/model.pt")
+    with pytest.raises(ValidationError, match=r"runs:/<run_id>/model.pt, models:/<name>/<version> or s3://") as info:
+        StageConfig.model_validate(settings)
+    assert field in str(info.value)
