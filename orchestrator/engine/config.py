@@ -16,6 +16,40 @@ from orchestrator.data.config import DataConfig
 from orchestrator.tracking.config import TrackingConfig
 
 
+def known_architecture(name: str) -> str:
+    """The name, if bitmixer_core's registry has it (the registry is the one list of architectures)."""
+    from bitmixer_core import available_models  # torch only
+    if name not in available_models():
+        raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(available_models())}")
+    return name
+
+
+def check_bit_sets(weights: list[int], activations: list[int]) -> None:
+    """The core's BitWidths rules (each set sorted, unique, 1..8; as many weight as activation bit-widths)."""
+    from bitmixer_core.bitwidths import BitWidths
+    try:
+        BitWidths(weights=tuple(weights), activations=tuple(activations))
+    except ValueError as err:
+        raise ValueError(f"the bit sets (weights {list(weights)}, activations {list(activations)}) are "
+                         f"inconsistent: {err}") from None
+
+
+STORAGE_SCHEMES = ("s3", "gs", "hdfs", "file")
+
+
+def check_storage_path(value: str) -> str:
+    """A local folder, or `<scheme>://<bucket>/...` with a scheme Ray Train's storage (pyarrow) reads."""
+    scheme, colon, rest = value.partition(":")
+    looks_like_uri = colon and scheme.isalnum() and len(scheme) > 1  # "C:" alone is not a scheme
+    if not looks_like_uri:
+        return value
+    if scheme not in STORAGE_SCHEMES or not rest.startswith("//") or (scheme != "file" and not rest[2:].split("/")[0]):
+        raise ValueError(f"storage path {value!r} is neither a local folder nor a URI like s3://bucket/prefix; "
+                         f"write it as <scheme>://<bucket>/<prefix> with a scheme of {', '.join(STORAGE_SCHEMES)}, "
+                         f"or give a local folder.")
+    return value
+
+
 class ModelConfig(BaseModel):
     """Which meta-network to build; passed unchanged to `bitmixer_core.build_model`."""
 
@@ -40,19 +74,11 @@ class ModelConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _known_architecture(cls, name: str) -> str:
-        from bitmixer_core import available_models  # torch only; the registry is the truth
-        if name not in available_models():
-            raise ValueError(f"unknown architecture {name!r}; choose one of {available_models()}")
-        return name
+        return known_architecture(name)
 
     @model_validator(mode="after")
     def _aligned_bits(self) -> "ModelConfig":
-        if len(self.bits_weights) != len(self.bits_activations):
-            raise ValueError(f"model.bits_weights {self.bits_weights} and model.bits_activations "
-                             f"{self.bits_activations} must have the same length (they pair by rank).")
-        for field, bits in (("bits_weights", self.bits_weights), ("bits_activations", self.bits_activations)):
-            if any(b < 1 or b > 8 for b in bits):
-                raise ValueError(f"model.{field} {bits} must hold bit-widths between 1 and 8.")
+        check_bit_sets(self.bits_weights, self.bits_activations)
         return self
 
     def build_kwargs(self) -> dict:
@@ -82,8 +108,8 @@ class OptimConfig(BaseModel):
     @model_validator(mode="after")
     def _warmup_fits(self) -> "OptimConfig":
         if self.warmup_epochs >= self.epochs and self.epochs > 1:
-            raise ValueError(f"optim.warmup_epochs ({self.warmup_epochs}) must be shorter than optim.epochs "
-                             f"({self.epochs}); lower warmup_epochs.")
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be shorter than epochs ({self.epochs}); "
+                             f"lower warmup_epochs.")
         return self
 
 
@@ -92,9 +118,10 @@ class PolicyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    stage: Literal["fp32", "one", "two", "three", "fixed"] = Field(description="fp32: no quantization "
-        "(teacher); one/two/three: Stages I-III; fixed: every layer at fixed_bits (Independent baseline).")
-    fixed_bits: int | None = Field(None, description="Bit-width of the 'fixed' policy.")
+    stage: Literal["fp32", "one", "two", "three", "independent"] = Field(description="A key of "
+        "bitmixer_core.STAGES: fp32 (teacher, nothing quantized), one/two/three (Stages I-III), independent "
+        "(the Independent baseline: every layer at fixed_bits).")
+    fixed_bits: int | None = Field(None, description="Bit-width of the Independent baseline.")
     k: float = Field(0.75, ge=0, le=1, description="Stage III target of 1 - sigma (share of per-layer draws).")
     ramp_epochs: float = Field(80, ge=0, description="Epochs over which 1 - sigma ramps from 0 to k.")
     ramp_shape: Literal["linear", "cosine"] = Field("linear", description="Shape of the 1 - sigma ramp.")
@@ -103,8 +130,8 @@ class PolicyConfig(BaseModel):
 
     @model_validator(mode="after")
     def _fixed_needs_bits(self) -> "PolicyConfig":
-        if self.stage == "fixed" and self.fixed_bits is None:
-            raise ValueError("policy.fixed_bits is required when policy.stage is 'fixed'; set it to one of "
+        if self.stage == "independent" and self.fixed_bits is None:
+            raise ValueError("policy.fixed_bits is required when policy.stage is 'independent'; set it to one of "
                              "the model's bit-widths.")
         return self
 
@@ -140,15 +167,27 @@ class DistillConfig(BaseModel):
         return None if uri is None else model_reference(uri)
 
 
+ZERO_THREE_REFUSED = ("zero_stage 3 is not supported: ZeRO-3 partitions every parameter across ranks, while "
+                      "calibration, evaluation and model.pt read each layer's weights and step sizes whole; use "
+                      "zero_stage 0, 1 or 2 (the meta-network fits on one device).")
+
+
 class DeepSpeedConfig(BaseModel):
     """The DeepSpeed engine of every worker; the JSON config is generated from this (engine/deepspeed_config)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    zero_stage: Literal[0, 1, 2] = Field(1, description="ZeRO stage (0, 1 or 2; 3 shards params, not needed).")
+    zero_stage: Literal[0, 1, 2] = Field(1, description="ZeRO stage (0, 1 or 2; 3 is refused, see below).")
     grad_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     bf16_on_gpu: bool = Field(True, description="bf16 mixed precision on GPU (CPU always trains in fp32).")
     gradient_clipping: float = Field(0.0, ge=0, description="Max gradient norm (0 = off).")
+
+    @field_validator("zero_stage", mode="before")
+    @classmethod
+    def _no_zero_three(cls, value):
+        if value == 3:
+            raise ValueError(ZERO_THREE_REFUSED)
+        return value
 
 
 class ScalingConfig(BaseModel):
@@ -198,6 +237,11 @@ class StageConfig(BaseModel):
     def _init_source(cls, uri: str | None) -> str | None:
         return None if uri is None else model_reference(uri)
 
+    @field_validator("storage_path")
+    @classmethod
+    def _storage_scheme(cls, value: str) -> str:
+        return check_storage_path(value)
+
     @model_validator(mode="after")
     def _consistent(self) -> "StageConfig":
         if self.policy.fixed_bits is not None and self.policy.fixed_bits not in self.model.bits_activations:
@@ -219,12 +263,17 @@ class StageConfig(BaseModel):
 
 
 # Fields that do not change what is trained: left out of the hash so a re-run with another tracking
-# server, storage, or worker count still finds the finished stage.
-_HASH_EXCLUDE = {"tracking": True, "storage_path": True, "debug": True, "scaling": True}
+# server, storage, worker count, failure budget or number of loader processes still finds the finished stage.
+_HASH_EXCLUDE = {"tracking": True, "storage_path": True, "debug": True, "scaling": True, "max_failures": True,
+                 "data": {"num_workers"}}
 
 
 def config_hash(cfg: StageConfig) -> str:
-    """sha256 of the canonical JSON of the resolved config (sorted keys, no whitespace)."""
+    """sha256 of the canonical JSON of the resolved config (sorted keys, no whitespace) and of the data
+    folder's manifest (classes.json, each .beton's size and header): new data under the same path is a
+    new stage."""
+    from orchestrator.data.folder import manifest_digest
     payload = cfg.model_dump(mode="json", exclude=_HASH_EXCLUDE)
+    payload["data_manifest"] = manifest_digest(cfg.data.path)
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator import atomic
+from orchestrator.data.folder import check_data_folder
 from orchestrator.engine.checkpoint import MODEL_FILE
 from orchestrator.engine.config import StageConfig, config_hash
 from orchestrator.tracking.reachability import check_tracking_reachable
@@ -54,6 +55,7 @@ def run_stage(cfg: StageConfig, *, retrain: bool = False) -> StageResult:
     failure, or a re-run after the driver was stopped); `retrain` starts from epoch 0 under a Ray run
     name of its own instead."""
     check_tracking_reachable(cfg.tracking)  # one sentence now rather than a failure an hour later
+    check_data_folder(cfg.data.path, num_classes=cfg.model.num_classes)  # likewise, before any run or worker
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

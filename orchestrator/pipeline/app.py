@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator import atomic
+from orchestrator.data.folder import check_data_folder
 from orchestrator.pipeline.config import PipelineConfig, dump_pipeline_config
 from orchestrator.pipeline.integrity import TAG_WORK_DIR, end_pipeline_runs, end_stale_runs, work_dir_lock
 from orchestrator.pipeline.outcome import BLOCKED, FAILED, SKIPPED, StageOutcome, headline_metrics, per_bit_top1
@@ -158,6 +159,7 @@ def _run_pipeline(cfg: PipelineConfig, *, log, retrain: bool) -> PipelineReport:
     tracking_uri = credentials_to_environment(cfg.resolved_tracking_uri())  # user:password@ -> MLflow variables
     check_tracking_reachable(TrackingConfig(tracking_uri=tracking_uri, experiment=cfg.tracking.experiment))
     data_path = prepare_data(cfg, work_dir)
+    check_data_folder(data_path, num_classes=cfg.data.num_classes)  # before MLflow runs and Ray: one sentence
     plan = build_plan(cfg, data_path=data_path, tracking_uri=tracking_uri)
     log(f"[pipeline] {cfg.name}: {len(plan.nodes)} stages for {', '.join(a.name for a in cfg.architectures)}; "
         f"work dir {work_dir}; MLflow {tracking_uri}")

@@ -8,21 +8,31 @@ paper, on which data, on how many workers, recorded where. `load_pipeline_config
 """
 from __future__ import annotations
 
+import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.data.config import DataConfig
+from orchestrator.engine.config import (ZERO_THREE_REFUSED, DeepSpeedConfig, DistillConfig, ModelConfig,
+                                        OptimConfig, PolicyConfig, ScalingConfig, StageConfig, check_bit_sets,
+                                        check_storage_path, known_architecture)
 
-# The registry names of bitmixer_core.available_models() (docs/architecture.md); kept here as data so
-# a config can be checked without importing torch.
-ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "ebn_4_8_8_16", "ebn_4_8_16_32", "ebn_4_4_4_4",
-                 "resnet_tiny", "ebn_tiny")
 STAGE_NAMES = ("zero", "one", "two", "three")
 Teacher = Literal["none", "stage_one", "fp32"]
 Objective = Literal["mean_bits_and_rand", "rand", "lowest_bit"]
+
+
+def _same(model: type[BaseModel], name: str, **changes):
+    """The engine's declaration of a setting (type, default, bounds, description), reused here as is, so
+    the pipeline YAML and the stage config have one rule per setting."""
+    info = copy.copy(model.model_fields[name])
+    for key, value in changes.items():
+        setattr(info, key, value)
+    return info
 
 
 class Strict(BaseModel):
@@ -30,29 +40,23 @@ class Strict(BaseModel):
 
 
 class QuantizerSpec(Strict):
-    """bitmixer_core.QuantizerOptions as data (Table 5 and section 4.5 switch these)."""
+    """bitmixer_core.QuantizerOptions as data (Table 5 and section 4.5 switch these); the engine's fields."""
 
-    rounding: Literal["floor", "round"] = "floor"
-    symmetric: bool = True
-    nesting: Literal["scale", "clip"] = "scale"
+    rounding: ModelConfig.model_fields["rounding"].annotation = _same(ModelConfig, "rounding")
+    symmetric: bool = _same(ModelConfig, "symmetric")
+    nesting: ModelConfig.model_fields["nesting"].annotation = _same(ModelConfig, "nesting")
 
 
 class BitsSpec(Strict):
-    """The bit set of the meta-network: activations[i] goes with weights[i] (Table 4 pairs A2 with W1)."""
+    """The bit set of the meta-network: activations[i] goes with weights[i] (Table 4 pairs A2 with W1).
+    The core's BitWidths rules: each set sorted and unique, 1..8, the same length."""
 
     weights: list[int] = Field(default_factory=lambda: [2, 3, 4])
     activations: list[int] = Field(default_factory=lambda: [2, 3, 4])
 
     @model_validator(mode="after")
     def _paired(self) -> "BitsSpec":
-        if len(self.weights) != len(self.activations):
-            raise ValueError(f"weights {self.weights} and activations {self.activations} must list the same "
-                             f"number of bit-widths (they are paired by rank)")
-        for b in self.weights + self.activations:
-            if not 1 <= b <= 8:
-                raise ValueError(f"bit-width {b} is outside 1..8")
-        if sorted(set(self.activations)) != sorted(self.activations):
-            raise ValueError(f"activations {self.activations} must be distinct bit-widths")
+        check_bit_sets(self.weights, self.activations)
         return self
 
     @property
@@ -60,33 +64,27 @@ class BitsSpec(Strict):
         return sorted(self.weights) == sorted(self.activations)
 
 
-class StageSpec(Strict):
-    """One training stage. Defaults are the paper's recipe (section 5.1): Adam, lr 1e-3, wd 1e-4,
-    cosine with warm-up; the three stages share the same scheduler."""
+class StageSpec(OptimConfig):
+    """One training stage: the engine's OptimConfig (lr_peak, weight_decay, epochs, warmup_epochs, lr_final;
+    defaults are the paper's recipe of section 5.1: Adam, lr 1e-3, wd 1e-4, cosine with warm-up) plus
+    whether it runs and how often it is evaluated."""
 
     enabled: bool = True
-    epochs: int = Field(160, ge=1)
-    warmup_epochs: int = Field(10, ge=0)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    eval_every: int = Field(1, ge=1, description="Evaluate every N epochs (and always at the end).")
+    eval_every: int = _same(StageConfig, "eval_every_epochs")
 
-    @model_validator(mode="after")
-    def _warmup_inside(self) -> "StageSpec":
-        if self.warmup_epochs >= self.epochs:
-            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs "
-                             f"({self.epochs})")
-        return self
+    def optim(self) -> OptimConfig:
+        return OptimConfig(**self.model_dump(include=set(OptimConfig.model_fields)))
 
 
 class StageThreeSpec(StageSpec):
     """Stage III: with probability sigma the Stage II draw, otherwise per-layer (or per-block) draws;
-    1 - sigma ramps from 0 to k over ramp_epochs, then stays at k (section 3.3)."""
+    1 - sigma ramps from 0 to k over ramp_epochs, then stays at k (section 3.3). The engine's PolicyConfig
+    fields."""
 
-    k: float = Field(0.75, gt=0, le=1)
-    ramp_epochs: int = Field(80, ge=0)
-    ramp_shape: Literal["linear", "cosine"] = "linear"
-    granularity: Literal["layer", "block"] = "layer"
+    k: float = _same(PolicyConfig, "k")
+    ramp_epochs: float = _same(PolicyConfig, "ramp_epochs")
+    ramp_shape: PolicyConfig.model_fields["ramp_shape"].annotation = _same(PolicyConfig, "ramp_shape")
+    granularity: PolicyConfig.model_fields["granularity"].annotation = _same(PolicyConfig, "granularity")
 
 
 class StagesSpec(Strict):
@@ -108,28 +106,28 @@ class StagesSpec(Strict):
 
 
 class ArchitectureSpec(Strict):
-    """One architecture of the experiment: bitmixer_core.build_model's name and keyword options."""
+    """One architecture of the experiment: the engine's ModelConfig name and options (its bits and classes
+    come from the pipeline's `bits` and `data`)."""
 
-    name: str
-    stem: Literal["imagenet", "small"] = "imagenet"
-    first_last: Literal["fp32", "int8"] = "fp32"
-    bn: Literal["transitional", "per_bit", "shared"] = "transitional"
+    name: str = _same(ModelConfig, "name")
+    stem: ModelConfig.model_fields["stem"].annotation = _same(ModelConfig, "stem")
+    first_last: ModelConfig.model_fields["first_last"].annotation = _same(ModelConfig, "first_last")
+    bn: ModelConfig.model_fields["bn"].annotation = _same(ModelConfig, "bn")
     quantizer: QuantizerSpec = Field(default_factory=QuantizerSpec)
     stages: StagesSpec = Field(default_factory=StagesSpec)
 
-    @model_validator(mode="after")
-    def _known(self) -> "ArchitectureSpec":
-        if self.name not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {self.name!r}; choose one of {', '.join(ARCHITECTURES)}")
-        return self
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        return known_architecture(name)
 
 
 class DistillationSpec(Strict):
     """Section 4.3: teacher for Stages II and III (same architecture, frozen); KD = softened KL + CE."""
 
     teacher: Teacher = "none"
-    temperature: float = Field(1.0, gt=0)
-    weight: float = Field(1.0, ge=0)
+    temperature: float = _same(DistillConfig, "temperature")
+    weight: float = _same(DistillConfig, "weight")
 
 
 class SweepSpec(Strict):
@@ -210,17 +208,22 @@ class DataSpec(DataConfig):
         return DataConfig(path=path, **fields)
 
 
-class ScalingSpec(Strict):
-    """Ray Train workers per stage and the resources of each; trial_cpus is what a Tune trial's own
-    (driver) process asks for, which must leave room for its workers on a small machine."""
+class ScalingSpec(ScalingConfig):
+    """The engine's ScalingConfig (Ray Train workers per stage and the resources of each), its ZeRO stage
+    and failure budget, plus what a Tune trial's own (driver) process asks for (trial_cpus), which must
+    leave room for its workers on a small machine."""
 
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, ge=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     trial_cpus: float = Field(1.0, ge=0)
-    zero_stage: Literal[0, 1, 2, 3] = 1
-    max_failures: int = Field(1, ge=0)
+    zero_stage: DeepSpeedConfig.model_fields["zero_stage"].annotation = _same(DeepSpeedConfig, "zero_stage")
+    max_failures: int = _same(StageConfig, "max_failures")
+
+    @field_validator("zero_stage", mode="before")
+    @classmethod
+    def _no_zero_three(cls, value):
+        if value == 3:
+            raise ValueError(ZERO_THREE_REFUSED)
+        return value
 
 
 class TrackingSpec(Strict):
@@ -230,17 +233,35 @@ class TrackingSpec(Strict):
     tracking_uri: str | None = Field(None, description="Default: sqlite:///<work_dir>/mlflow.db")
     experiment: str = "bitmixer"
     storage_path: str | None = Field(None, description="Default: <work_dir>/ray_results")
-    registered_model_prefix: str = "bitmixer"
+    registered_model_prefix: str = Field("bitmixer", description="Registered models are named "
+                                         "<prefix>-<pipeline name>-<architecture>.")
     register_models: bool = True
     analysis_plots: bool = Field(True, description="Log Fig. 3/6/7 of each architecture's final Stage III model.")
     analysis_eigenvalues: bool = Field(False, description="Also Fig. 4 (sub-net search) and Fig. 5 (Hessian power "
                                        "iteration; ~5 s on resnet_tiny on CPU, much more on ResNet-18).")
 
 
+    @field_validator("storage_path")
+    @classmethod
+    def _storage_scheme(cls, value: str | None) -> str | None:
+        return None if value is None else check_storage_path(value)
+
+    @field_validator("registered_model_prefix")
+    @classmethod
+    def _model_name(cls, value: str) -> str:
+        if not re.fullmatch(MODEL_NAME, value):
+            raise ValueError(f"{value!r} cannot start a registered-model name: use letters, digits, '_', '.' and "
+                             f"'-' only, starting with a letter or digit (MLflow refuses '/' and ':')")
+        return value
+
+
+MODEL_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+
+
 class PipelineConfig(Strict):
     """The whole run: every architecture's chain, its sweep, baselines and ablations, and the tables."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=rf"^{MODEL_NAME}$", description="Part of run and registered-model names.")
     work_dir: str | None = Field(None, description="Default: runs/<name> under the current folder.")
     seed: int = 0
     data: DataSpec
@@ -361,6 +382,26 @@ def parse_pipeline_config(raw: Any, source: str = "the config") -> PipelineConfi
         raise PipelineConfigError(_describe(exc.errors(include_url=False), source)) from None
 
 
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: str, line: int, first_line: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error instead of the last one
+    silently winning."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise DuplicateKey(str(key), key_node.start_mark.line + 1, seen[key])
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """Parse one YAML file; `extends: other.yaml` (relative to this file) is read first and this
     file's keys override it, mappings key by key, lists as a whole."""
@@ -372,7 +413,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise PipelineConfigError(f"{path} extends itself through {' -> '.join(map(str, seen))}; "
                                   f"break the cycle of `extends`")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
+    except DuplicateKey as exc:
+        raise PipelineConfigError(f"{path}:{exc.line} sets `{exc.key}` twice in the same mapping (first on line "
+                                  f"{exc.first_line}); keep one of them") from None
     except yaml.YAMLError as exc:
         raise PipelineConfigError(f"{path} is not valid YAML ({exc}); fix the syntax and run again") from None
     if not isinstance(raw, dict):

@@ -97,13 +97,12 @@ class _Builder:
         d = self.cfg.distillation
         return StageConfig(
             name=name, model=model, data=self.data,
-            optim=OptimConfig(lr_peak=spec.lr, weight_decay=spec.weight_decay, epochs=spec.epochs,
-                              warmup_epochs=spec.warmup_epochs),
+            optim=spec.optim(),
             policy=policy,
             # teacher_uri is a placeholder until the teacher's stage is done (the runner replaces it).
             distill=DistillConfig(teacher="path", teacher_uri="pending", temperature=d.temperature,
                                   weight=d.weight) if teacher else DistillConfig(),
-            deepspeed=DeepSpeedConfig(zero_stage=min(self.cfg.scaling.zero_stage, 2)),
+            deepspeed=DeepSpeedConfig(zero_stage=self.cfg.scaling.zero_stage),
             scaling=ScalingConfig(num_workers=self.cfg.scaling.num_workers, use_gpu=self.cfg.scaling.use_gpu,
                                   cpus_per_worker=self.cfg.scaling.cpus_per_worker),
             tracking=self.tracking.model_copy(update={"run_name": title}),
@@ -169,7 +168,7 @@ class _Builder:
                 self.plan.add(StageNode(
                     key=_key(arch.name, f"independent_{b}", "two"), arch=arch.name, variant=f"independent_{b}",
                     stage="two", config=self.stage_config(name=name, model=model, spec=arch.stages.two,
-                                                          policy=PolicyConfig(stage="fixed", fixed_bits=b),
+                                                          policy=PolicyConfig(stage="independent", fixed_bits=b),
                                                           teacher=False,
                                                           title=run_name("two", arch.name, f"independent_{b}")),
                     init_after=_key(arch.name, source, "one")))

@@ -52,12 +52,12 @@ def test_bad_values_name_their_field():
 
 def test_cross_field_rules_say_what_to_do():
     """Rules spanning fields give one sentence naming both fields."""
-    assert "policy.fixed_bits is required" in error_text(policy=dict(stage="fixed"))
+    assert "policy.fixed_bits is required" in error_text(policy=dict(stage="independent"))
     assert "policy.fixed_bits (5) is not one of model.bits_activations" in error_text(
-        policy=dict(stage="fixed", fixed_bits=5))
+        policy=dict(stage="independent", fixed_bits=5))
     assert "divisible by scaling.num_workers" in error_text(data=dict(batch_size=63))
     assert "distill.teacher_uri is required" in error_text(distill=dict(teacher="path"))
-    assert "must have the same length" in error_text(model=dict(bits_weights=[1, 3], bits_activations=[2, 3, 4]))
+    assert "must list as many bit-widths" in error_text(model=dict(bits_weights=[1, 3], bits_activations=[2, 3, 4]))
     assert "warmup_epochs" in error_text(optim=dict(epochs=4, warmup_epochs=4))
     assert "tracking_uri" in error_text(tracking=dict(tracking_uri="localhost:5000"))
 

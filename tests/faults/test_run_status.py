@@ -96,9 +96,14 @@ def test_open_runs_under_a_run_end_killed(server, client, request):
     assert client.get_run(done).info.status == "FINISHED"
 
 
-def _stage_config(server, tmp_path, experiment):
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from orchestrator.data.embedded import write_embedded_digits
+    return write_embedded_digits(tmp_path_factory.mktemp("digits") / "digits")
+
+
+def _stage_config(server, tmp_path, experiment, data):
     from orchestrator.engine import StageConfig
-    data = tmp_path / "data"
     return StageConfig.model_validate(dict(
         name="status", model=dict(name="resnet_tiny", num_classes=10, stem="small"),
         data=dict(path=str(data), batch_size=8, num_workers=1), optim=dict(epochs=1, warmup_epochs=0),
@@ -108,7 +113,8 @@ def _stage_config(server, tmp_path, experiment):
 
 @pytest.mark.parametrize("error, status", [(KeyboardInterrupt(), "KILLED"), (SystemExit(143), "KILLED"),
                                            (RuntimeError("worker group lost"), "FAILED")])
-def test_a_stopped_or_failed_stage_run_is_closed(server, client, tmp_path, monkeypatch, request, error, status):
+def test_a_stopped_or_failed_stage_run_is_closed(server, client, tmp_path, monkeypatch, request, error, status,
+                                                 digits):
     """Closing the run is part of the stage's error handling: a stage stopped by Ctrl-C or SIGTERM (SystemExit)
     ends KILLED, a stage whose training raised ends FAILED, and the error reaches the caller unchanged."""
     from orchestrator.engine import run_stage
@@ -117,7 +123,7 @@ def test_a_stopped_or_failed_stage_run_is_closed(server, client, tmp_path, monke
     def stop(_cfg):
         raise error
     monkeypatch.setattr(stage_module, "_ensure_ray", stop)
-    cfg = _stage_config(server, tmp_path, f"status-{request.node.callspec.id}")
+    cfg = _stage_config(server, tmp_path, f"status-{request.node.callspec.id}", digits)
     with pytest.raises(type(error)):
         run_stage(cfg)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)

@@ -32,7 +32,7 @@ def test_imagenet_preset_is_the_paper_recipe():
                                                    "ebn_4_8_16_32", "ebn_4_4_4_4"]
     for arch in cfg.architectures:
         for stage in (arch.stages.one, arch.stages.two, arch.stages.three):
-            assert (stage.epochs, stage.warmup_epochs, stage.lr, stage.weight_decay) == (160, 10, 1e-3, 1e-4)
+            assert (stage.epochs, stage.warmup_epochs, stage.lr_peak, stage.weight_decay) == (160, 10, 1e-3, 1e-4)
     assert (cfg.data.train_resolution, cfg.data.val_resolution) == (224, 224)
     assert cfg.data.val_crop_ratio == pytest.approx(224 / 256)
 
@@ -63,8 +63,8 @@ def test_bad_value_is_named_with_its_path_and_value():
     """A value out of range must be rejected with its path and the value given."""
     raw = _embedded()
     raw["architectures"][1]["stages"] = {"two": {"epochs": 0}}
-    with pytest.raises(PipelineConfigError, match=r"architectures\[1\]\.stages\.two\.epochs: .*greater than "
-                                                  r"or equal to 1 \(got 0\)"):
+    with pytest.raises(PipelineConfigError, match=r"architectures\[1\]\.stages\.two\.epochs: .*greater than 0 "
+                                                  r"\(got 0\)"):
         parse_pipeline_config(raw)
 
 
@@ -87,7 +87,7 @@ def test_stage_defaults_merge_into_each_architecture():
     (lambda r: r["stages"].__setitem__("two", {"enabled": False}), "stages must run without gaps"),
     (lambda r: r["data"].__setitem__("path", "/data"), "give exactly one of data.path"),
     (lambda r: r["ablations"].__setitem__("architecture", "resnet50"), "not among the architectures"),
-    (lambda r: r["bits"].__setitem__("weights", [1, 3]), "must list the same number of bit-widths"),
+    (lambda r: r["bits"].__setitem__("weights", [1, 3]), "must list as many bit-widths"),
 ])
 def test_inconsistent_configs_say_what_to_fix(change, message):
     """Cross-field mistakes (a teacher that is never trained, a gap in the stage chain, an ablation on
