@@ -23,6 +23,7 @@ from orchestrator.pipeline.plan import Plan, build_plan
 
 TAG_PIPELINE = "bitmixer.pipeline"
 TAG_PIPELINE_HASH = "bitmixer.pipeline_hash"
+UI_MODEL_TRAINING = "workflowType=machine_learning"  # the MLflow UI's query for its model-training view
 
 
 @dataclass
@@ -93,9 +94,11 @@ def _experiment(client, cfg: PipelineConfig, tracking_uri: str, work_dir: Path) 
 
 
 def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    """The UI address of a run: on the server itself, or on the `mlflow ui` that ui_command starts."""
+    """The UI address of a run: on the server itself, or on the `mlflow ui` that ui_command starts. MLflow
+    3's UI keeps a GenAI / model-training switch of its own beside the experiment's kind; the address picks
+    model training."""
     base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{UI_MODEL_TRAINING}"
 
 
 def resolved_config(cfg: PipelineConfig, *, data_path: Path, work_dir: Path, tracking_uri: str) -> dict:

@@ -41,9 +41,10 @@ def test_params_are_flat_keys_with_resolved_paths(tmp_path):
 
 def test_the_pipeline_links_straight_to_its_run():
     """On a server the link is the server's own run page; a sqlite store's link is the `mlflow ui` it names."""
-    assert run_link("http://127.0.0.1:5000/", "3", "abc") == "http://127.0.0.1:5000/#/experiments/3/runs/abc"
-    assert "open http://h:1/#/experiments/3/runs/abc" in ui_command("http://h:1", "3", "abc")
-    assert ui_command("sqlite:////tmp/m.db", "3", "abc").endswith("open http://127.0.0.1:5000/#/experiments/3/runs/abc")
+    view = "?workflowType=machine_learning"  # the UI's model-training view, not its GenAI one
+    assert run_link("http://127.0.0.1:5000/", "3", "abc") == f"http://127.0.0.1:5000/#/experiments/3/runs/abc{view}"
+    assert f"open http://h:1/#/experiments/3/runs/abc{view}" in ui_command("http://h:1", "3", "abc")
+    assert ui_command("sqlite:////tmp/m.db", "3", "abc").endswith(f"open http://127.0.0.1:5000/#/experiments/3/runs/abc{view}")
 
 
 def test_registered_version_has_a_description_and_per_bit_tags(tmp_path):
