@@ -16,6 +16,7 @@ from .evaluation import evaluate_fixed_bits, evaluate_random_bits
 from .layers import QConv2d, QLinear, QuantizedLayerMixin, step_size_parameters
 from .models import available_models, build_model
 from .policies import StagePolicy
+from .stages import STAGES, Stage, get_stage
 from .quantizer import QuantizerOptions, initial_step_size, quantize, quantize_nested
 from .step_sizes import calibrate_activation_step_sizes, reinitialize_weight_step_sizes
 from .transitional_bn import TransitionalBatchNorm2d, seed_mixed_transitions
@@ -27,7 +28,7 @@ __all__ = [
     "TransitionalBatchNorm2d", "seed_mixed_transitions",
     "quantized_layers", "set_bits", "get_bits", "set_block_bits", "residual_blocks", "set_quantization",
     "BitAssignment", "apply_assignment",
-    "StagePolicy",
+    "StagePolicy", "Stage", "STAGES", "get_stage",
     "build_model", "available_models", "calibrate_activation_step_sizes", "reinitialize_weight_step_sizes",
     "distillation_loss", "evaluate_fixed_bits", "evaluate_random_bits",
 ]

@@ -22,22 +22,15 @@ def step_seed(run_seed: int, global_step: int) -> int:
 
 
 def stage_policy(policy: PolicyConfig, model: ModelConfig) -> core.StagePolicy | None:
-    """The core's StagePolicy for Stages I-III; None for 'fp32' and 'fixed' (no random draw)."""
+    """The core's StagePolicy for Stages I-III; None for the FP32 teacher and Independent (no random draw)."""
     bits = core.BitWidths(weights=tuple(model.bits_weights), activations=tuple(model.bits_activations))
-    if policy.stage == "one":
-        return core.StagePolicy.stage_one(bits)
-    if policy.stage == "two":
-        return core.StagePolicy.stage_two(bits)
-    if policy.stage == "three":
-        return core.StagePolicy.stage_three(bits, k=policy.k, ramp_epochs=policy.ramp_epochs,
-                                            ramp_shape=policy.ramp_shape, granularity=policy.granularity)
-    return None
+    return core.get_stage(policy.stage).policy(bits, k=policy.k, ramp_epochs=policy.ramp_epochs,
+                                               ramp_shape=policy.ramp_shape, granularity=policy.granularity)
 
 
 def set_stage_precision(net: nn.Module, stage: str) -> None:
-    """FP32 teacher: nothing quantized; Stage I: activations only; II, III and fixed: both."""
-    quantize_weights = stage not in ("fp32", "one")
-    core.set_quantization(net, weights=quantize_weights, activations=stage != "fp32")
+    """What the stage quantizes (core.Stage): nothing for the FP32 teacher, activations in Stage I, both after."""
+    core.get_stage(stage).set_precision(net)
 
 
 class SubnetSampler:
@@ -55,7 +48,7 @@ class SubnetSampler:
     def draw(self, global_step: int, epoch: float) -> core.BitAssignment | None:
         if self.stage == "fp32":
             return None
-        if self.stage == "fixed":
+        if self.stage == "independent":
             return core.BitAssignment(bits=(self.fixed_bits,) * len(self.layer_names), quantize_weights=True)
         generator = torch.Generator().manual_seed(step_seed(self.run_seed, global_step))
         return self.policy.sample(self.layer_names, self.blocks, epoch, generator)

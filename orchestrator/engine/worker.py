@@ -117,7 +117,7 @@ def _record_epoch(cfg: StageConfig, logger, net, folder: Path, metrics: dict, ta
     model_pt = save_model_pt(folder / MODEL_FILE, net=net, model_name=cfg.model.name,
                              build_kwargs=cfg.model.build_kwargs(), stage=cfg.policy.stage,
                              epoch=metrics["epoch"], metrics=scalars)
-    fixed_bits = cfg.policy.fixed_bits if cfg.policy.stage == "fixed" else None
+    fixed_bits = cfg.policy.fixed_bits if cfg.policy.stage == "independent" else None
     logger.metrics(tracked_metrics(scalars, fixed_bits=fixed_bits), step=metrics["epoch"])
     if table is not None and fixed_bits is not None:
         table = own_bit_rows(table, fixed_bits)
@@ -136,7 +136,7 @@ def progress_line(cfg: StageConfig, metrics: dict) -> str:
             f"lr {metrics['lr']:.2e}")
     if TOP1_FP32 in metrics:
         text += f" top1 fp32 {metrics[TOP1_FP32]:.1f}%"
-    elif cfg.policy.stage == "fixed" and top1_key(cfg.policy.fixed_bits) in metrics:
+    elif cfg.policy.stage == "independent" and top1_key(cfg.policy.fixed_bits) in metrics:
         text += f" top1 {cfg.policy.fixed_bits}b {metrics[top1_key(cfg.policy.fixed_bits)]:.1f}%"
     elif RAND_TOP1 in metrics:
         text += (" top1 " + "/".join(f"{b}b {metrics[top1_key(b)]:.1f}" for b in cfg.model.bits_activations)
@@ -184,14 +184,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                tracking_uri=cfg.tracking.tracking_uri)
         if logger:  # which weights this stage started from, before anything changes them
             logger.tag(TAG_INIT_DIGEST, state_dict_digest(net.state_dict()))
-        # Stage II (or any weight-quantized stage) after a stage with real-valued weights: the weights
-        # moved since construction, so their step sizes restart from them (LSQ init).
-        if payload.get("stage") in ("fp32", "one") and stage in ("two", "three", "fixed"):
-            core.reinitialize_weight_step_sizes(net)
-        # Stage III after a stage that drew one bit-width for all layers: its mixed Transitional BN
-        # entries never trained, so they start from the uniform entry of the same input bit-width.
-        if payload.get("stage") in ("one", "two") and stage == "three":
-            core.seed_mixed_transitions(net)
+        # What the core's Stage does when it starts from the previous one (step sizes, mixed BN entries).
+        if payload.get("stage") in core.STAGES:
+            core.get_stage(stage).start_from(net, core.get_stage(payload["stage"]))
     net.to(device)
 
     train_loader, val_loader = build_loaders(cfg.data, rank=rank, world_size=world_size, device=device,

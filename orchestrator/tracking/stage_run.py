@@ -22,7 +22,7 @@ TAG_GIT_COMMIT = "bitmixer.git_commit"
 TAG_CODE_DIGEST = "bitmixer.code_sha256"  # sha256 of bitmixer_core + orchestrator sources (see code_digest)
 TAG_INIT_DIGEST = "bitmixer.init_state_sha256"  # sha256 of the weights loaded from init_from
 TAG_INDEPENDENT_BITS = "bitmixer.independent_bits"  # the bit-width an Independent network trained at
-STAGE_INDEPENDENT = "independent"  # stage tag of the Independent baseline (policy stage "fixed")
+STAGE_INDEPENDENT = "independent"  # stage tag of the Independent baseline (core.STAGES key)
 STATUS_RUNNING, STATUS_FINISHED, STATUS_FAILED = "RUNNING", "FINISHED", "FAILED"
 # MLflow 3's UI opens an experiment in its GenAI view unless this tag names model training.
 TAG_EXPERIMENT_KIND, KIND_MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
@@ -118,8 +118,7 @@ def open_stage_run(*, tracking_uri: str, experiment: str, run_name: str, parent_
     from mlflow.entities import Param
     client = _client(tracking_uri)
     all_tags = {TAG_STATUS: STATUS_RUNNING, **tags}
-    if all_tags.get(TAG_STAGE) == "fixed":  # the paper's name for a network trained at one bit-width
-        all_tags[TAG_STAGE] = STAGE_INDEPENDENT
+    if all_tags.get(TAG_STAGE) == STAGE_INDEPENDENT:  # a network trained at one bit-width
         all_tags[TAG_INDEPENDENT_BITS] = str(resolved_config.get("policy", {}).get("fixed_bits"))
     all_tags.update(code_version_tags())
     if parent_run_id:

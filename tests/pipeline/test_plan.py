@@ -28,7 +28,7 @@ def test_embedded_plan_chains_each_architecture():
     for b in (4, 3, 2):
         node = plan.nodes[f"resnet_tiny/independent_{b}/two"]
         assert node.init_after == "resnet_tiny/main/one"
-        assert (node.config.policy.stage, node.config.policy.fixed_bits) == ("fixed", b)
+        assert (node.config.policy.stage, node.config.policy.fixed_bits) == ("independent", b)
         assert node.config.optim.epochs == plan.nodes["resnet_tiny/main/two"].config.optim.epochs
     assert "ebn_tiny/independent_4/two" not in plan.nodes  # the preset limits it to resnet_tiny
     no_tbn = [n for n in plan.nodes.values() if n.variant == "no_transitional_bn"]
