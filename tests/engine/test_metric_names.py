@@ -37,7 +37,7 @@ def test_independent_network_logs_only_its_own_bit_width():
     """A network trained at 4 bits must not chart a chance-level figure at 2 or 3 bits, nor Rand."""
     names = set(tracked_metrics(reported(), fixed_bits=4))
     assert names == {"train/loss", "train/lr", "sys/epoch_time_s", "val/top1_4bit", "val/top5_4bit"}
-    table = per_bit_table(reported(), bits=[2, 3, 4], stage="fixed", first_last="fp32", bits_weights=[2, 3, 4])
+    table = per_bit_table(reported(), bits=[2, 3, 4], stage="independent", first_last="fp32", bits_weights=[2, 3, 4])
     assert own_bit_rows(table, 4)["bits"] == ["A4/W4"] and own_bit_rows(table, 4)["top1"] == [40.0]
 
 
@@ -65,7 +65,7 @@ def test_epoch_is_recorded_with_step_equal_to_the_epoch(tmp_path):
     """Rank 0 logs one batch of grouped metrics per epoch at step = epoch, so the per-bit charts have one
     point per evaluated epoch; an Independent run's per-bit table holds only its own row."""
     net = MODEL.build()
-    for policy, epoch in (({"stage": "three"}, 1), ({"stage": "fixed", "fixed_bits": 2}, 2)):
+    for policy, epoch in (({"stage": "three"}, 1), ({"stage": "independent", "fixed_bits": 2}, 2)):
         logger = _Logger()
         _record_epoch(_cfg(policy), logger, net, tmp_path, reported(epoch), table=per_bit_table(
             reported(epoch), bits=[2, 3, 4], stage=policy["stage"], first_last="fp32", bits_weights=[2, 3, 4]),
