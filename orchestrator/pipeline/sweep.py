@@ -40,8 +40,8 @@ def trial_config(base: StageConfig, k: float, ramp_epochs: int, ramp_shape: str,
                  repeat: int = 0) -> StageConfig:
     """The Stage III config of one trial. Repeat r > 0 of a grid point is its own trial: its own seed (so
     its own config hash, MLflow run and Ray run name), named `...-r<r>`."""
-    name = f"{base.name}-k{k:.3g}-ramp{ramp_epochs}-{ramp_shape}"
-    title = f"{base.tracking.run_name or base.name} k{k:.3g} ramp{ramp_epochs} {ramp_shape}" + (f"-r{repeat}" if repeat else "")
+    name = f"{base.name}-k{k:.3g}-ramp{ramp_epochs}-{ramp_shape}" + (f"-r{repeat}" if repeat else "")
+    title = f"{base.tracking.run_name or base.name} k{k:.3g} ramp{ramp_epochs} {ramp_shape}" + (f" r{repeat}" if repeat else "")
     return base.model_copy(update={
         "name": name, "seed": base.seed + repeat,
         "policy": base.policy.model_copy(update={"k": k, "ramp_epochs": ramp_epochs, "ramp_shape": ramp_shape}),
