@@ -70,6 +70,9 @@ class ModelConfig(BaseModel):
     symmetric: bool = Field(True, description="Symmetric integer range of Eq. 2 (False: asymmetric ablation).")
     nesting: Literal["scale", "clip"] = Field("scale", description="Per-bit step sizes, or the clip-based "
                                                                    "nesting of Eq. 3-4 (ablation).")
+    block_order: Literal["bn_quantize_conv", "conv_bn_relu"] = Field(
+        "bn_quantize_conv", description="Where the quantizers sit (bitmixer_core/models/resnet.py): BN -> "
+        "quantizer -> conv with signed inputs (default), or the classic conv -> BN -> ReLU with an unsigned range.")
 
     @field_validator("name")
     @classmethod
@@ -85,7 +88,7 @@ class ModelConfig(BaseModel):
         """Plain-data keyword arguments (JSON-able) saved in model.pt so any reader can rebuild the net."""
         return {"num_classes": self.num_classes,
                 "bits": {"weights": list(self.bits_weights), "activations": list(self.bits_activations)},
-                "stem": self.stem, "first_last": self.first_last, "bn": self.bn,
+                "stem": self.stem, "first_last": self.first_last, "bn": self.bn, "block_order": self.block_order,
                 "quantizer": {"rounding": self.rounding, "symmetric": self.symmetric, "nesting": self.nesting}}
 
     def build(self):

@@ -113,6 +113,7 @@ class ArchitectureSpec(Strict):
     stem: ModelConfig.model_fields["stem"].annotation = _same(ModelConfig, "stem")
     first_last: ModelConfig.model_fields["first_last"].annotation = _same(ModelConfig, "first_last")
     bn: ModelConfig.model_fields["bn"].annotation = _same(ModelConfig, "bn")
+    block_order: ModelConfig.model_fields["block_order"].annotation = _same(ModelConfig, "block_order")
     quantizer: QuantizerSpec = Field(default_factory=QuantizerSpec)
     stages: StagesSpec = Field(default_factory=StagesSpec)
 

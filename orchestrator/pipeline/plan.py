@@ -88,7 +88,8 @@ class _Builder:
         weights, activations = bits or (self.cfg.bits.weights, self.cfg.bits.activations)
         options = dict(name=arch.name, num_classes=self.cfg.data.num_classes, bits_weights=list(weights),
                        bits_activations=list(activations), stem=arch.stem, first_last=arch.first_last,
-                       bn=arch.bn, rounding=arch.quantizer.rounding, symmetric=arch.quantizer.symmetric,
+                       bn=arch.bn, block_order=arch.block_order, rounding=arch.quantizer.rounding,
+                       symmetric=arch.quantizer.symmetric,
                        nesting=arch.quantizer.nesting)
         return ModelConfig(**{**options, **overrides})
 
