@@ -19,13 +19,13 @@ from .policies import StagePolicy
 from .stages import STAGES, Stage, get_stage
 from .quantizer import QuantizerOptions, initial_step_size, quantize, quantize_nested
 from .step_sizes import calibrate_activation_step_sizes, reinitialize_weight_step_sizes
-from .transitional_bn import TransitionalBatchNorm2d, seed_mixed_transitions
+from .transitional_bn import TransitionalBatchNorm2d, load_across_bn_modes, seed_mixed_transitions
 
 __all__ = [
     "quantize", "quantize_nested", "QuantizerOptions", "initial_step_size",
     "BitWidths",
     "QConv2d", "QLinear", "QuantizedLayerMixin", "step_size_parameters",
-    "TransitionalBatchNorm2d", "seed_mixed_transitions",
+    "TransitionalBatchNorm2d", "seed_mixed_transitions", "load_across_bn_modes",
     "quantized_layers", "set_bits", "get_bits", "set_block_bits", "residual_blocks", "set_quantization",
     "BitAssignment", "apply_assignment",
     "StagePolicy", "Stage", "STAGES", "get_stage",

@@ -149,3 +149,35 @@ def seed_mixed_transitions(model: nn.Module) -> int:
     """Stage III's start: every Transitional BN copies its uniform (i, i) entries into its mixed (i, j) ones
     (see `TransitionalBatchNorm2d.seed_mixed_transitions`). Returns the number of entries seeded."""
     return sum(m.seed_mixed_transitions() for m in model.modules() if isinstance(m, TransitionalBatchNorm2d))
+
+
+@torch.no_grad()
+def load_across_bn_modes(target: nn.Module, source: nn.Module) -> None:
+    """Load `source` into `target`, the same architecture built with another BN mode (Table 1 starts its
+    "w/o Transitional BN" Stage III from the Stage II meta-network).
+
+    Every parameter and buffer outside the Transitional BNs is copied by name. Each target BN entry takes
+    the source entry of one of the (previous bits, next bits) pairs it serves, the uniform pair (b, b)
+    when it has one: that is the entry Stages I and II trained (a per-bit entry b <- (b, b); the shared
+    entry <- (max, max))."""
+    source_bns = {n: m for n, m in source.named_modules() if isinstance(m, TransitionalBatchNorm2d)}
+    target_bns = {n: m for n, m in target.named_modules() if isinstance(m, TransitionalBatchNorm2d)}
+    if source_bns.keys() != target_bns.keys():
+        raise ValueError("the two models place their Transitional BNs differently; they must be the same "
+                         "architecture and block order.")
+    inside = tuple(f"{n}." for n in target_bns)
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith(inside)}
+    try:
+        missing, unexpected = target.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes differ
+        raise ValueError(f"the models differ in shape; they must be the same architecture ({err}).") from None
+    leftover = [k for k in missing if not k.startswith(inside)]
+    if leftover or unexpected:
+        raise ValueError(f"the models differ outside their BNs (missing {leftover[:3]}, unexpected "
+                         f"{unexpected[:3]}); they must be the same architecture.")
+    for name, bn in target_bns.items():
+        src = source_bns[name]
+        for index in range(len(bn.entries)):
+            pairs = [p for p, k in bn._lookup.items() if k == index]
+            pair = next((p for p in pairs if p[0] == p[1]), pairs[-1])
+            bn.entries[index].load_state_dict(src.entries[src._lookup[pair]].state_dict())

@@ -155,3 +155,25 @@ def test_stage_three_seeding_copies_uniform_entries_into_mixed_ones():
         assert torch.all(tbn.entries[k].weight == 101 * i), (i, j)
     shared = torch.nn.Sequential(TransitionalBatchNorm2d(4, (2, 3, 4), mode="shared"))
     assert seed_mixed_transitions(shared) == 0
+
+
+@pytest.mark.parametrize("mode", ["per_bit", "shared"])
+def test_a_stage_two_model_loads_into_one_bn_per_bit_width(mode):
+    """Table 1's "w/o Transitional BN" starts from the Stage II meta-network: every weight and step size
+    is copied, and each per-bit entry b takes the trained uniform entry (b, b) (shared: (max, max)); at a
+    uniform bit-width the converted model computes what the source does."""
+    from bitmixer_core import load_across_bn_modes
+    torch.manual_seed(0)
+    source = build_model("resnet_tiny", num_classes=10, stem="small")
+    randomise_entries(source)
+    target = build_model("resnet_tiny", num_classes=10, stem="small", bn=mode)
+    load_across_bn_modes(target, source)
+    source.eval(), target.eval()
+    x = torch.randn(2, 3, 16, 16)
+    calibrate_activation_step_sizes(source, x)
+    load_across_bn_modes(target, source)
+    for bits in ((2, 3, 4) if mode == "per_bit" else (4,)):
+        set_bits(source, bits), set_bits(target, bits)
+        torch.testing.assert_close(target(x), source(x))
+    with pytest.raises(ValueError, match="same architecture"):
+        load_across_bn_modes(build_model("ebn_tiny", num_classes=10, stem="small", bn=mode), source)
