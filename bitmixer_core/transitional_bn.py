@@ -179,5 +179,6 @@ def load_across_bn_modes(target: nn.Module, source: nn.Module) -> None:
         src = source_bns[name]
         for index in range(len(bn.entries)):
             pairs = [p for p, k in bn._lookup.items() if k == index]
-            pair = next((p for p in pairs if p[0] == p[1]), pairs[-1])
+            uniform = [p for p in pairs if p[0] == p[1]]
+            pair = max(uniform) if uniform else pairs[-1]  # shared: (max, max); a fixed side: its last pair
             bn.entries[index].load_state_dict(src.entries[src._lookup[pair]].state_dict())
