@@ -192,3 +192,46 @@ def test_stage_run_never_shows_the_password(server, tmp_path, monkeypatch, capfd
     out, err = capfd.readouterr()
     assert "stopping credentials-stage before Ray" in out
     assert SECRET not in out and SECRET not in err
+
+
+def test_a_real_stage_run_never_shows_the_password(server, tmp_path, capfd, no_tracking_credentials):
+    """One real stage (local Ray, 2 Train workers, DeepSpeed, FFCV, 1 epoch on the embedded digits) against
+    the basic-auth server with tracking_uri http://user:secret@...: it finishes (rank 0 logged metrics,
+    tables and model.pt with the credentials it inherited from the environment), and the secret is in
+    none of stdout/stderr (the workers' output included), the run's params, tags or text artifacts."""
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.data.embedded import write_embedded_digits
+    from orchestrator.engine.config import StageConfig
+    from orchestrator.engine.stage import run_stage
+
+    data = write_embedded_digits(tmp_path / "digits")
+    cfg = StageConfig.model_validate(dict(
+        name="credentials-real-stage", model=dict(name="resnet_tiny", num_classes=10, stem="small"),
+        data=dict(path=str(data), train_resolution=32, val_resolution=32, val_crop_ratio=1.0, batch_size=32,
+                  num_workers=1),
+        optim=dict(epochs=1, warmup_epochs=0.5, lr_peak=5e-3), policy=dict(stage="one"),
+        scaling=dict(num_workers=2, cpus_per_worker=0.5),
+        tracking=dict(tracking_uri=server.uri_with_credentials, experiment="credentials-real"),
+        storage_path=str(tmp_path / "ray")))
+    assert ray.is_initialized() is False
+    # Started after the config was read: Ray's processes inherit the credentials from the environment.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    try:
+        result = run_stage(cfg)
+    finally:
+        ray.shutdown()
+    client = MlflowClient(tracking_uri=server.uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics  # rank 0 logged its epoch through the auth
+    assert not any(SECRET in v for v in [*run.data.params.values(), *run.data.tags.values()])
+    downloaded = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts")))
+    names = {str(p.relative_to(downloaded)) for p in downloaded.rglob("*") if p.is_file()}
+    assert "model.pt" in names and "config/stage.yaml" in names
+    for path in downloaded.rglob("*"):
+        if path.is_file() and path.suffix in (".yaml", ".json", ".txt", ".md", ".csv"):
+            assert SECRET not in path.read_text(errors="replace"), path
+    out, err = capfd.readouterr()
+    assert "credentials-real-stage" in out + err  # the progress lines were captured
+    assert SECRET not in out and SECRET not in err
