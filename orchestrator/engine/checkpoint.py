@@ -138,11 +138,19 @@ def model_from_payload(payload: dict) -> nn.Module:
     return net
 
 
-def load_weights(net: nn.Module, uri: str, *, expect_model: str, tracking_uri: str | None = None) -> dict:
-    """Load a previous stage's model.pt into `net` (strict: the architecture must match); returns the payload."""
+def load_weights(net: nn.Module, uri: str, *, expect_model: str, tracking_uri: str | None = None,
+                 bn: str | None = None) -> dict:
+    """Load a previous stage's model.pt into `net` (strict: the architecture must match); returns the payload.
+
+    A model saved with another BN mode than `bn` (Table 1 starts its one-BN-per-bit-width Stage III from the
+    Transitional-BN Stage II model) is rebuilt as saved and loaded through core.load_across_bn_modes."""
     payload = read_model_pt(uri, tracking_uri)
     if payload.get("model_name") != expect_model:
         raise ValueError(f"checkpoint {uri!r} holds a {payload.get('model_name')!r}, not a {expect_model!r}; "
                          f"init_from / teacher_uri must come from the same architecture.")
+    saved_bn = payload.get("build_kwargs", {}).get("bn", "transitional")
+    if bn is not None and saved_bn != bn:
+        core.load_across_bn_modes(net, model_from_payload(payload))
+        return payload
     net.load_state_dict(payload["state_dict"], strict=True)
     return payload

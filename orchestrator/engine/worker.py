@@ -180,7 +180,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     resume = ray.train.get_checkpoint()
     logger = RunLogger(cfg.tracking.tracking_uri, loop_config["run_id"]) if rank == 0 else None
     if cfg.init_from and resume is None:
-        payload = load_weights(net, cfg.init_from, expect_model=cfg.model.name,
+        payload = load_weights(net, cfg.init_from, expect_model=cfg.model.name, bn=cfg.model.bn,
                                tracking_uri=cfg.tracking.tracking_uri)
         if logger:  # which weights this stage started from, before anything changes them
             logger.tag(TAG_INIT_DIGEST, state_dict_digest(net.state_dict()))

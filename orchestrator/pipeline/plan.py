@@ -9,7 +9,7 @@ before Ray starts.
 Chains ("variants") per architecture, in the paper's words:
   main                  [zero,] one -> two -> three (three = the Tune sweep when enabled; zero = FP32 teacher)
   independent_<b>       one network at fixed b bits, from main's Stage I, as long as Stage II (Table 7)
-  no_transitional_bn    its own one -> two -> three with one shared BN (Table 1)
+  no_transitional_bn    three from main's Stage II, one BN per bit-width of the current layer (Table 1)
   teacher_<t>           two -> three from main's Stage I with another teacher (Table 2)
   bits_4321             its own one -> two with bit set {1,2,3,4} (Table 3; Stage III did not converge)
   ternary_binary        its own one -> two -> three, activations {2,3,4} / weights {1,3,4} (Table 4)
@@ -104,8 +104,7 @@ class _Builder:
             distill=DistillConfig(teacher="path", teacher_uri="pending", temperature=d.temperature,
                                   weight=d.weight) if teacher else DistillConfig(),
             deepspeed=DeepSpeedConfig(zero_stage=self.cfg.scaling.zero_stage),
-            scaling=ScalingConfig(num_workers=self.cfg.scaling.num_workers, use_gpu=self.cfg.scaling.use_gpu,
-                                  cpus_per_worker=self.cfg.scaling.cpus_per_worker),
+            scaling=ScalingConfig(**self.cfg.scaling.model_dump(include=set(ScalingConfig.model_fields))),
             tracking=self.tracking.model_copy(update={"run_name": title}),
             eval_every_epochs=spec.eval_every, seed=self.cfg.seed, storage_path=self.storage,
             max_failures=self.cfg.scaling.max_failures)
@@ -181,8 +180,11 @@ class _Builder:
         if a.bits_4321:
             self.chain(arch, "bits_4321", upto_two, model=self.model(arch, bits=([1, 2, 3, 4],) * 2),
                        teacher=teacher)
-        if a.no_transitional_bn:
-            self.chain(arch, "no_transitional_bn", quantized, model=self.model(arch, bn="shared"), teacher=teacher)
+        if a.no_transitional_bn and "three" in quantized:
+            # Table 1 (section 4.1): Stage III started from the main Stage II model, with one BN per
+            # bit-width of the current layer instead of one per (previous, current) pair.
+            self.chain(arch, "no_transitional_bn", ["three"], model=self.model(arch, bn="per_bit"), teacher=teacher,
+                       start_after=_key(arch.name, "main", "two"))
         if a.teachers:
             for other in ("none", "stage_one", "fp32"):
                 if other != teacher:

@@ -82,3 +82,22 @@ def test_per_bit_table_and_progress_line():
                                           tracking=dict(tracking_uri="sqlite:////tmp/x.db")))
     assert progress_line(cfg, metrics) == ("[s] epoch 2/3 loss 1.5000 lr 1.00e-03 top1 2b 20.0/3b 30.0/4b 40.0 "
                                            "rand 40.0% time 2.0s")
+
+
+def test_stage_two_model_loads_into_a_per_bit_bn_stage(tmp_path):
+    """Table 1's Stage III (bn per_bit) starts from the main chain's Stage II model.pt (Transitional BN):
+    load_weights rebuilds the saved model and converts it, so at any uniform bit-width both compute alike."""
+    net = trained_like_net()
+    save_model_pt(tmp_path / "model.pt", net=net, model_name=MODEL.name, build_kwargs=MODEL.build_kwargs(),
+                  stage="two", epoch=0, metrics={})
+    per_bit = MODEL.model_copy(update={"bn": "per_bit"}).build()
+    payload = load_weights(per_bit, str(tmp_path / "model.pt"), expect_model=MODEL.name, bn="per_bit")
+    assert payload["stage"] == "two"
+    net.eval(), per_bit.eval()
+    x = torch.randn(2, 3, 32, 32)
+    for bits in (2, 3, 4):
+        core.set_bits(net, bits), core.set_bits(per_bit, bits)
+        torch.testing.assert_close(per_bit(x), net(x))
+    with pytest.raises(RuntimeError):  # without saying which BN mode it wants, the mismatch is an error
+        load_weights(MODEL.model_copy(update={"bn": "per_bit"}).build(), str(tmp_path / "model.pt"),
+                     expect_model=MODEL.name)

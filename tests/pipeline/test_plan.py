@@ -31,9 +31,11 @@ def test_embedded_plan_chains_each_architecture():
         assert (node.config.policy.stage, node.config.policy.fixed_bits) == ("independent", b)
         assert node.config.optim.epochs == plan.nodes["resnet_tiny/main/two"].config.optim.epochs
     assert "ebn_tiny/independent_4/two" not in plan.nodes  # the preset limits it to resnet_tiny
+    # Table 1's "w/o Transitional BN" is Stage III started from the main chain's Stage II model (section 4.1),
+    # with one BN per bit-width of the current layer.
     no_tbn = [n for n in plan.nodes.values() if n.variant == "no_transitional_bn"]
-    assert [n.stage for n in no_tbn] == ["one", "two", "three"]
-    assert {n.config.model.bn for n in no_tbn} == {"shared"} and not any(n.sweep for n in no_tbn)
+    assert [n.stage for n in no_tbn] == ["three"] and no_tbn[0].init_after == "resnet_tiny/main/two"
+    assert no_tbn[0].config.model.bn == "per_bit" and not no_tbn[0].sweep
     assert plan.nodes["resnet_tiny/main/one"].config.model.bn == "transitional"
 
 
