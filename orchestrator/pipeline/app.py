@@ -203,7 +203,8 @@ def _run_pipeline(cfg: PipelineConfig, *, log, retrain: bool) -> PipelineReport:
         tables = build_tables(table_outcomes(plan, outcomes), architectures=[a.name for a in cfg.architectures],
                               bit_keys=[str(b) for b in sorted(cfg.bits.activations, reverse=True)],
                               ablation_arch=cfg.ablation_arch.name, ablations=cfg.ablations.model_dump(),
-                              main_teacher=cfg.distillation.teacher)
+                              main_teacher={"two": cfg.distillation.teacher,
+                                            "three": cfg.distillation.stage_three_teacher or cfg.distillation.teacher})
         log_tables(client, run_id, tables, work_dir)
         report = PipelineReport(run_id=run_id, outcomes=outcomes, tables=tables, tracking_uri=tracking_uri,
                                 seconds=time.monotonic() - started, experiment_id=experiment_id)

@@ -124,9 +124,13 @@ class ArchitectureSpec(Strict):
 
 
 class DistillationSpec(Strict):
-    """Section 4.3: teacher for Stages II and III (same architecture, frozen); KD = softened KL + CE."""
+    """Section 4.3: teacher for Stages II and III (same architecture, frozen); KD = softened KL + CE.
+    Table 2's best rows use the Stage I network for Stage II and the FP32 one for Stage III:
+    `teacher: stage_one` with `stage_three_teacher: fp32`."""
 
     teacher: Teacher = "none"
+    stage_three_teacher: Teacher | None = Field(None, description="Stage III's teacher when it differs from "
+                                                                 "Stage II's (`teacher`); unset: the same.")
     temperature: float = _same(DistillConfig, "temperature")
     weight: float = _same(DistillConfig, "weight")
 
@@ -298,12 +302,14 @@ class PipelineConfig(Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"architectures lists {names}; each architecture may appear once")
         for i, arch in enumerate(self.architectures):
-            if self.distillation.teacher == "fp32" and not arch.stages.zero.enabled:
-                raise ValueError(f"distillation.teacher is fp32 but architectures[{i}] ({arch.name}) has "
-                                 f"stages.zero.enabled false; enable stage zero (the FP32 teacher)")
-            if self.distillation.teacher == "stage_one" and not arch.stages.one.enabled:
-                raise ValueError(f"distillation.teacher is stage_one but architectures[{i}] ({arch.name}) "
-                                 f"does not run stage one")
+            for field in ("teacher", "stage_three_teacher"):
+                value = getattr(self.distillation, field)
+                if value == "fp32" and not arch.stages.zero.enabled:
+                    raise ValueError(f"distillation.{field} is fp32 but architectures[{i}] ({arch.name}) has "
+                                     f"stages.zero.enabled false; enable stage zero (the FP32 teacher)")
+                if value == "stage_one" and not arch.stages.one.enabled:
+                    raise ValueError(f"distillation.{field} is stage_one but architectures[{i}] ({arch.name}) "
+                                     f"does not run stage one")
         for field, value in (("ablations.architecture", self.ablations.architecture),
                              *((f"baselines.independent.architectures", n)
                                for n in self.baselines.independent.architectures or [])):

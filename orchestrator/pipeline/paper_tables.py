@@ -181,7 +181,9 @@ def table1(outcomes: Outcomes, arch: str) -> Table:
                       PAPER_TABLE1["transitional_bn"])], keys)
 
 
-def table2(outcomes: Outcomes, arch: str, main_teacher: str) -> Table:
+def table2(outcomes: Outcomes, arch: str, main_teacher: str | dict[str, str]) -> Table:
+    """`main_teacher`: the main chain's teacher, or one per stage ({"two": "stage_one", "three": "fp32"})."""
+    main = main_teacher if isinstance(main_teacher, dict) else {"two": main_teacher, "three": main_teacher}
     keys = ["4", "3", "2", "rand"]
     t = Table("table2", f"Table 2: {arch} with and without distillation (top-1 %)",
               ["Method", "Teacher", *_bit_columns(keys)])
@@ -189,7 +191,7 @@ def table2(outcomes: Outcomes, arch: str, main_teacher: str) -> Table:
     specs = []
     for stage, stage_label in (("two", "Ours-Stage II"), ("three", "Ours-Stage III")):
         for teacher in ("none", "stage_one", "fp32"):
-            variant = "main" if teacher == main_teacher else f"teacher_{teacher}"
+            variant = "main" if teacher == main[stage] else f"teacher_{teacher}"
             specs.append(([stage_label, teacher_label[teacher]], outcomes.get((arch, variant, stage)),
                           PAPER_TABLE2[stage][teacher]))
     return _rows(t, specs, keys)
@@ -230,7 +232,7 @@ def table5(outcomes: Outcomes, arch: str) -> Table:
 
 
 def build_tables(outcomes: Outcomes, *, architectures: list[str], bit_keys: list[str], ablation_arch: str,
-                 ablations: dict[str, bool], main_teacher: str) -> list[Table]:
+                 ablations: dict[str, bool], main_teacher: str | dict[str, str]) -> list[Table]:
     """Table 7 always; Tables 1-5 for the ablations that were switched on (`AblationsSpec` field names)."""
     tables = [table7(outcomes, architectures, bit_keys)]
     if ablations.get("no_transitional_bn"):

@@ -110,9 +110,10 @@ class _Builder:
             max_failures=self.cfg.scaling.max_failures)
 
     def chain(self, arch: ArchitectureSpec, variant: str, stages: list[str], *, model: ModelConfig,
-              teacher: str, start_after: str | None = None) -> None:
+              teacher: str, start_after: str | None = None, teacher_three: str | None = None) -> None:
         """Add `stages` of one chain. The FP32 network (zero) is only a teacher: Stage I starts from scratch in
-        every chain, so that chains whose layers differ (shared BN, other bit sets) compare fairly."""
+        every chain, so that chains whose layers differ (shared BN, other bit sets) compare fairly. Stage II
+        learns from `teacher`, Stage III from `teacher_three` (default: the same)."""
         previous = start_after
         for stage in stages:
             spec: StageSpec = getattr(arch.stages, stage)
@@ -120,7 +121,8 @@ class _Builder:
             if isinstance(spec, StageThreeSpec):
                 policy = PolicyConfig(stage="three", k=spec.k, ramp_epochs=spec.ramp_epochs,
                                       ramp_shape=spec.ramp_shape, granularity=spec.granularity)
-            teacher_key = self.teacher_key(arch, variant, teacher) if stage in ("two", "three") else None
+            stage_teacher = (teacher_three or teacher) if stage == "three" else teacher
+            teacher_key = self.teacher_key(arch, variant, stage_teacher) if stage in ("two", "three") else None
             key = _key(arch.name, variant, stage)
             self.plan.add(StageNode(
                 key=key, arch=arch.name, variant=variant, stage=stage,
@@ -130,6 +132,11 @@ class _Builder:
                 init_after=None if stage in ("zero", "one") else previous, teacher_after=teacher_key,
                 sweep=(variant == "main" and stage == "three" and self.cfg.sweep.enabled)))
             previous = key
+
+    def teachers(self) -> dict:
+        """The teachers of Stages II and III in the main chain and in every ablation of the main method."""
+        d = self.cfg.distillation
+        return {"teacher": d.teacher, "teacher_three": d.stage_three_teacher}
 
     def teacher_key(self, arch: ArchitectureSpec, variant: str, teacher: str) -> str | None:
         if teacher == "fp32":
@@ -143,7 +150,7 @@ class _Builder:
         cfg = self.cfg
         for arch in cfg.architectures:
             stages = [s for s in ("zero", "one", "two", "three") if getattr(arch.stages, s).enabled]
-            self.chain(arch, "main", stages, model=self.model(arch), teacher=cfg.distillation.teacher)
+            self.chain(arch, "main", stages, model=self.model(arch), **self.teachers())
         if cfg.ablations.any:
             stages = cfg.ablation_arch.stages
             self.ablations([s for s in ("one", "two", "three") if getattr(stages, s).enabled])
@@ -175,28 +182,28 @@ class _Builder:
 
     def ablations(self, quantized: list[str]) -> None:
         a, arch = self.cfg.ablations, self.cfg.ablation_arch
-        teacher = self.cfg.distillation.teacher
+        teachers = self.teachers()
         upto_two = [s for s in quantized if s != "three"]
         if a.bits_4321:
             self.chain(arch, "bits_4321", upto_two, model=self.model(arch, bits=([1, 2, 3, 4],) * 2),
-                       teacher=teacher)
+                       **teachers)
         if a.no_transitional_bn and "three" in quantized:
             # Table 1 (section 4.1): Stage III started from the main Stage II model, with one BN per
             # bit-width of the current layer instead of one per (previous, current) pair.
-            self.chain(arch, "no_transitional_bn", ["three"], model=self.model(arch, bn="per_bit"), teacher=teacher,
+            self.chain(arch, "no_transitional_bn", ["three"], model=self.model(arch, bn="per_bit"), **teachers,
                        start_after=_key(arch.name, "main", "two"))
         if a.teachers:
             for other in ("none", "stage_one", "fp32"):
-                if other != teacher:
+                if other != teachers["teacher"] or (teachers["teacher_three"] or other) != other:
                     self.chain(arch, f"teacher_{other}", [s for s in quantized if s != "one"],
                                model=self.model(arch), teacher=other, start_after=_key(arch.name, "main", "one"))
         if a.ternary_binary:
             self.chain(arch, "ternary_binary", quantized, model=self.model(arch, bits=([1, 3, 4], [2, 3, 4])),
-                       teacher=teacher)
+                       **teachers)
         if a.quantizers:
-            self.chain(arch, "asymmetric", upto_two, model=self.model(arch, symmetric=False), teacher=teacher)
+            self.chain(arch, "asymmetric", upto_two, model=self.model(arch, symmetric=False), **teachers)
             self.chain(arch, "asymmetric_round", upto_two,
-                       model=self.model(arch, symmetric=False, rounding="round"), teacher=teacher)
+                       model=self.model(arch, symmetric=False, rounding="round"), **teachers)
 
 
 def build_plan(cfg: PipelineConfig, *, data_path: str | Path, tracking_uri: str | None = None) -> Plan:

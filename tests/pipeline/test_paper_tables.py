@@ -85,6 +85,11 @@ def test_table2_main_chain_fills_its_own_teacher_row():
     assert _row(t, "Ours-Stage II", "-")[2] == 2.0
     assert _row(t, "Ours-Stage II", "FP32")[3] == PAPER_TABLE2["two"]["fp32"]["4"]
     assert _row(t, "Ours-Stage III", "Stage I")[-2] == 3.0
+    # A main chain with a teacher per stage (Stage I for II, FP32 for III) fills one row of each stage.
+    split = table2({("r", "main", "two"): {"4": 1.0}, ("r", "main", "three"): {"4": 4.0},
+                    ("r", "teacher_fp32", "two"): {"4": 5.0}}, "r", main_teacher={"two": "stage_one", "three": "fp32"})
+    assert (_row(split, "Ours-Stage II", "Stage I")[2], _row(split, "Ours-Stage III", "FP32")[2]) == (1.0, 4.0)
+    assert _row(split, "Ours-Stage II", "FP32")[2] == 5.0
 
 
 def test_table3_collects_independent_networks_per_bit():

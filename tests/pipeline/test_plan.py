@@ -39,16 +39,27 @@ def test_embedded_plan_chains_each_architecture():
     assert plan.nodes["resnet_tiny/main/one"].config.model.bn == "transitional"
 
 
+def test_imagenet_preset_distils_stage_two_from_stage_one_and_stage_three_from_fp32():
+    """Table 2's best rows are the recipe: Stage II learns from the Stage I network, Stage III from FP32."""
+    plan = _plan("imagenet")
+    for arch in ("resnet18", "ebn_4_4_4_4"):
+        assert plan.nodes[f"{arch}/main/two"].teacher_after == f"{arch}/main/one"
+        assert plan.nodes[f"{arch}/main/three"].teacher_after == f"{arch}/main/zero"
+        assert plan.nodes[f"{arch}/main/one"].teacher_after is None
+
+
 def test_fp32_teacher_wiring_and_table2_variants():
-    """With the FP32 teacher, Stages II and III learn from stage zero; Table 2's other teachers branch from
-    main's Stage I, the 'Stage I' teacher being that very network."""
+    """Table 2 runs every teacher for both stages: the main chain (Stage I teacher for II, FP32 for III)
+    stands for its own rows, and chains branching from main's Stage I stand for the others."""
     plan = _plan("table2_distillation")
     assert plan.nodes["resnet18/main/zero"].config.policy.stage == "fp32"
     assert plan.nodes["resnet18/main/one"].teacher_after is None
+    assert plan.nodes["resnet18/main/two"].teacher_after == "resnet18/main/one"
+    assert plan.nodes["resnet18/main/three"].teacher_after == "resnet18/main/zero"
     for stage in ("two", "three"):
-        assert plan.nodes[f"resnet18/main/{stage}"].teacher_after == "resnet18/main/zero"
         assert plan.nodes[f"resnet18/teacher_none/{stage}"].teacher_after is None
         assert plan.nodes[f"resnet18/teacher_stage_one/{stage}"].teacher_after == "resnet18/main/one"
+        assert plan.nodes[f"resnet18/teacher_fp32/{stage}"].teacher_after == "resnet18/main/zero"
         assert plan.nodes[f"resnet18/main/{stage}"].config.distill.teacher == "path"
     assert plan.nodes["resnet18/teacher_none/two"].init_after == "resnet18/main/one"
     assert plan.nodes["resnet18/teacher_none/two"].config.distill.teacher == "none"
