@@ -81,6 +81,8 @@ def run_find_subnets(cfg: FindSubnetsConfig, batches) -> tuple[str, dict]:
     from mlflow.tracking import MlflowClient
 
     from .mlflow_log import log_figures, log_json, log_metrics
+    from orchestrator.tracking.credentials import redact_uri
+
     from .model_source import load_model_source
     from .plots import analysis_figures, subnet_figures
     from .subnets import find_subnets
@@ -98,7 +100,7 @@ def run_find_subnets(cfg: FindSubnetsConfig, batches) -> tuple[str, dict]:
     target = (client, run_id)
     status = "FAILED"
     try:
-        params = {"model": cfg.model, "model_name": loaded.model_name, **cfg.search.model_dump()}
+        params = {"model": redact_uri(cfg.model), "model_name": loaded.model_name, **cfg.search.model_dump()}
         for key, value in params.items():
             client.log_param(run_id, key, json.dumps(value) if isinstance(value, list) else value)
         log_metrics(target, report.summary())

@@ -48,6 +48,13 @@ class TrackingTarget(BaseModel):
     experiment: str = "bitmixer-deploy"
     run_name: str | None = None
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _credentials_to_environment(cls, uri: str | None) -> str | None:
+        """user:password@ in the URI goes to MLFLOW_TRACKING_USERNAME / PASSWORD; the URI keeps none."""
+        from orchestrator.tracking.credentials import credentials_to_environment
+        return None if uri is None else credentials_to_environment(uri)
+
 
 class FindSubnetsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
