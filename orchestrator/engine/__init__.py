@@ -3,7 +3,7 @@
     from orchestrator.engine import StageConfig, run_stage, config_hash
     result = run_stage(StageConfig.model_validate(yaml.safe_load(open("stage.yaml"))))
 """
-from orchestrator.engine.config import (DebugConfig, DeepSpeedConfig, DistillConfig, ModelConfig, OptimConfig,
+from orchestrator.engine.config import (DeepSpeedConfig, DistillConfig, ModelConfig, OptimConfig,
                                         PolicyConfig, ScalingConfig, StageConfig, config_hash)
 from orchestrator.tracking.config import TrackingConfig
 
@@ -17,4 +17,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["StageConfig", "ModelConfig", "OptimConfig", "PolicyConfig", "DistillConfig", "DeepSpeedConfig",
-           "ScalingConfig", "DebugConfig", "TrackingConfig", "config_hash", "run_stage", "StageResult"]
+           "ScalingConfig", "TrackingConfig", "config_hash", "run_stage", "StageResult"]

@@ -201,16 +201,10 @@ class ScalingConfig(BaseModel):
     num_workers: int = Field(2, ge=1, description="Data-parallel workers (ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (fractions allowed).")
-
-
-class DebugConfig(BaseModel):
-    """Fault injection for the fault-tolerance test; never set in real runs."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    crash_after_epoch: int | None = Field(None, description="Rank 1 (or 0 alone) exits hard after this epoch, "
-                                                            "once (a marker file remembers it).")
-    crash_marker: str | None = Field(None, description="Marker file path that makes the crash happen once.")
+    start_timeout_s: float = Field(3600.0, gt=0, description="How long a stage's worker group may wait for its "
+                                   "resources (stages queue for CPUs on a small machine, for nodes on an "
+                                   "autoscaling cluster) before Ray Train times out and retries; Ray's own "
+                                   "default is 60 s (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S).")
 
 
 class StageConfig(BaseModel):
@@ -233,7 +227,6 @@ class StageConfig(BaseModel):
     seed: int = Field(0, description="Run seed: weights init and the per-step sub-net draws.")
     storage_path: str = Field("./runs", description="Ray storage for checkpoints: a local folder or s3://...")
     max_failures: int = Field(1, ge=0, description="Worker failures tolerated (resume from last checkpoint).")
-    debug: DebugConfig = DebugConfig()
 
     @field_validator("init_from")
     @classmethod
@@ -267,7 +260,7 @@ class StageConfig(BaseModel):
 
 # Fields that do not change what is trained: left out of the hash so a re-run with another tracking
 # server, storage, worker count, failure budget or number of loader processes still finds the finished stage.
-_HASH_EXCLUDE = {"tracking": True, "storage_path": True, "debug": True, "scaling": True, "max_failures": True,
+_HASH_EXCLUDE = {"tracking": True, "storage_path": True, "scaling": True, "max_failures": True,
                  "data": {"num_workers"}}
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from orchestrator import atomic
 from orchestrator.data.folder import check_data_folder
+from orchestrator.engine.callbacks import StageCallback
 from orchestrator.engine.checkpoint import MODEL_FILE
 from orchestrator.engine.config import StageConfig, config_hash
 from orchestrator.tracking.reachability import check_tracking_reachable
@@ -25,7 +27,10 @@ class StageResult:
     mlflow_run_id: str
     checkpoint_dir: str  # Ray's last checkpoint (local folder or s3://...)
     config_hash: str = ""
-    subnet_digests: list = field(default_factory=list)  # one fingerprint of the sub-net draws per rank
+    subnet_digests: list = field(default_factory=list)  # per rank, when a callback reported "subnet_digests"
+
+
+WORKER_GROUP_START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # ray.train.v2 constants
 
 
 def torch_extensions_dir() -> str:
@@ -50,10 +55,11 @@ def _fetch_model_pt(checkpoint, destination: Path) -> Path:
         return atomic.copy_file(src, destination)
 
 
-def run_stage(cfg: StageConfig, *, retrain: bool = False) -> StageResult:
+def run_stage(cfg: StageConfig, *, retrain: bool = False, callbacks: Sequence[StageCallback] = ()) -> StageResult:
     """Train one stage to its end, resuming from Ray's last checkpoint of the same config (after a worker
     failure, or a re-run after the driver was stopped); `retrain` starts from epoch 0 under a Ray run
-    name of its own instead."""
+    name of its own instead. `callbacks` run on every worker after each epoch (tests: fault injection,
+    fingerprints)."""
     check_tracking_reachable(cfg.tracking)  # one sentence now rather than a failure an hour later
     check_data_folder(cfg.data.path, num_classes=cfg.model.num_classes)  # likewise, before any run or worker
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -71,14 +77,17 @@ def run_stage(cfg: StageConfig, *, retrain: bool = False) -> StageResult:
         tags={TAG_STAGE: cfg.policy.stage, TAG_ARCHITECTURE: cfg.model.name, TAG_CONFIG_HASH: digest})
     try:
         _ensure_ray(cfg)
+        # Read by the Train controller when the worker group starts; the driver's value is passed on to it.
+        os.environ[WORKER_GROUP_START_TIMEOUT_VARIABLE] = str(cfg.scaling.start_timeout_s)
         storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
         # The hash in the name: a re-run of the same config resumes its own checkpoints, never another's.
         ray_run_name = f"{cfg.name}-{digest[:12]}" + (f"-retrain-{run_id[:8]}" if retrain else "")
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"stage": resolved, "run_id": run_id, "torch_extensions_dir": torch_extensions_dir(),
-                               # the fault-injection hook watches Ray's record of checkpoints (local runs)
-                               "run_dir": None if "://" in storage else str(Path(storage) / ray_run_name)},
+                               # callbacks may watch Ray's record of checkpoints (local runs)
+                               "run_dir": None if "://" in storage else str(Path(storage) / ray_run_name),
+                               "callbacks": list(callbacks)},
             scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                          resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
             run_config=RunConfig(

@@ -74,38 +74,6 @@ def _load_teacher(cfg: StageConfig, device: torch.device):
     return teacher
 
 
-def _crash_if_asked(cfg: StageConfig, epoch: int, rank: int, world_size: int, run_dir: str | None) -> None:
-    """Fault injection for the fault-tolerance test: one rank exits hard after `crash_after_epoch`, once.
-
-    It first waits (at most 2 minutes) until Ray has recorded that epoch's checkpoint in the run's
-    checkpoint_manager_snapshot.json: Ray collects reports every ~2 s, and a loaded machine is slower, so
-    an immediate crash could lose the checkpoint and make the test's outcome a matter of timing."""
-    debug = cfg.debug
-    if debug.crash_after_epoch is None or debug.crash_after_epoch != epoch:
-        return
-    if rank != (1 if world_size > 1 else 0) or not debug.crash_marker:
-        return
-    marker = Path(debug.crash_marker)
-    if marker.exists():
-        return
-    snapshot = Path(run_dir) / "checkpoint_manager_snapshot.json" if run_dir else None
-    deadline = time.monotonic() + 120.0
-    while snapshot is not None and time.monotonic() < deadline and not _recorded(snapshot, epoch):
-        time.sleep(0.5)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"crashed after epoch {epoch}\n")
-    os._exit(1)
-
-
-def _recorded(snapshot: Path, epoch: int) -> bool:
-    import json
-    try:
-        results = json.loads(snapshot.read_text()).get("checkpoint_results", [])
-    except (OSError, ValueError):
-        return False
-    return any(r.get("metrics", {}).get("epoch") == epoch for r in results)
-
-
 def _record_epoch(cfg: StageConfig, logger, net, folder: Path, metrics: dict, table: dict | None, *,
                   last: bool) -> None:
     """Rank 0: the consolidated model.pt beside the DeepSpeed shards, MLflow metrics (grouped names, step =
@@ -144,123 +112,157 @@ def progress_line(cfg: StageConfig, metrics: dict) -> str:
     return text + f" time {metrics['epoch_time_s']:.1f}s"
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    """Entry point Ray Train runs on every worker; `loop_config` = {"stage": StageConfig JSON, "run_id": ...}."""
-    cfg = StageConfig.model_validate(loop_config["stage"])
-    use_gpu = cfg.scaling.use_gpu
-    # Before DeepSpeed is imported: its CPU accelerator, and a stable cache for the shm-comm build.
-    if not use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", loop_config["torch_extensions_dir"])
+class StageWorker:
+    """One rank of one stage, in named steps: prepare the model, build the engine (with its loaders), then
+    per epoch train, evaluate, checkpoint and report. Callbacks (tests) see the worker after each epoch."""
 
-    import deepspeed
-    import ray.train
-    from ray.train import Checkpoint
+    def __init__(self, cfg: StageConfig, *, run_id: str, run_dir: str | None = None, callbacks=()):
+        import ray.train
 
-    import bitmixer_core as core
-    from orchestrator.data.loaders import build_loaders
-    from orchestrator.engine.checkpoint import load_weights, state_dict_digest
-    from orchestrator.engine.deepspeed_config import align_buffers, deepspeed_config
-    from orchestrator.engine.evaluation import evaluate_stage, per_bit_table
-    from orchestrator.engine.schedule import warmup_cosine
-    from orchestrator.engine.step import train_step
-    from orchestrator.engine.subnets import SubnetSampler, set_stage_precision
-    from orchestrator.tracking.stage_run import TAG_INIT_DIGEST, RunLogger
+        from orchestrator.tracking.stage_run import RunLogger
+        context = ray.train.get_context()
+        self.cfg, self.run_dir, self.callbacks = cfg, run_dir, list(callbacks)
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = _device(cfg.scaling.use_gpu)
+        self.logger = RunLogger(cfg.tracking.tracking_uri, run_id) if self.rank == 0 else None
+        self.resume = ray.train.get_checkpoint()  # Ray's last recorded checkpoint of this run, or None
+        self.stage, self.bits = cfg.policy.stage, list(cfg.model.bits_activations)
+        self.start_epoch, self.resumed_from, self.global_step = 0, -1, 0
 
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = _device(use_gpu)
-    stage = cfg.policy.stage
-    bits = list(cfg.model.bits_activations)
+    def prepare_model(self):
+        """The stage's network on this rank's device: built with the run seed (the same on every rank), at
+        its stage's precision, from the previous stage's weights unless Ray resumes this stage."""
+        import bitmixer_core as core
+        from orchestrator.engine.checkpoint import load_weights, state_dict_digest
+        from orchestrator.engine.subnets import set_stage_precision
+        from orchestrator.tracking.stage_run import TAG_INIT_DIGEST
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        net = cfg.model.build()
+        set_stage_precision(net, self.stage)
+        if cfg.init_from and self.resume is None:
+            payload = load_weights(net, cfg.init_from, expect_model=cfg.model.name, bn=cfg.model.bn,
+                                   tracking_uri=cfg.tracking.tracking_uri)
+            if self.logger:  # which weights this stage started from, before anything changes them
+                self.logger.tag(TAG_INIT_DIGEST, state_dict_digest(net.state_dict()))
+            # What the core's Stage does when it starts from the previous one (step sizes, mixed BN entries).
+            if payload.get("stage") in core.STAGES:
+                core.get_stage(self.stage).start_from(net, core.get_stage(payload["stage"]))
+        return net.to(self.device)
 
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    net = cfg.model.build()
-    set_stage_precision(net, stage)
+    def build_engine(self, net) -> None:
+        """Loaders (this rank's shard), activation calibration, the DeepSpeed engine with its schedule, the
+        teacher and the sub-net sampler; then the resumed checkpoint, if any."""
+        import deepspeed
 
-    resume = ray.train.get_checkpoint()
-    logger = RunLogger(cfg.tracking.tracking_uri, loop_config["run_id"]) if rank == 0 else None
-    if cfg.init_from and resume is None:
-        payload = load_weights(net, cfg.init_from, expect_model=cfg.model.name, bn=cfg.model.bn,
-                               tracking_uri=cfg.tracking.tracking_uri)
-        if logger:  # which weights this stage started from, before anything changes them
-            logger.tag(TAG_INIT_DIGEST, state_dict_digest(net.state_dict()))
-        # What the core's Stage does when it starts from the previous one (step sizes, mixed BN entries).
-        if payload.get("stage") in core.STAGES:
-            core.get_stage(stage).start_from(net, core.get_stage(payload["stage"]))
-    net.to(device)
+        import bitmixer_core as core
+        from orchestrator.data.loaders import build_loaders
+        from orchestrator.engine.deepspeed_config import align_buffers, deepspeed_config
+        from orchestrator.engine.schedule import warmup_cosine
+        from orchestrator.engine.subnets import SubnetSampler
+        cfg = self.cfg
+        self.train_loader, self.val_loader = build_loaders(cfg.data, rank=self.rank, world_size=self.world_size,
+                                                           device=self.device, distributed=self.world_size > 1)
+        self.holdout_loader = None
+        if cfg.data.holdout_fraction > 0:  # a Stage III sweep trial: its objective reads this slice
+            from orchestrator.data.loaders import build_val_loader
+            self.holdout_loader = build_val_loader(cfg.data, rank=self.rank, world_size=self.world_size,
+                                                   device=self.device, holdout=True)
+        self.steps_per_epoch = len(self.train_loader)
+        total_steps = self.steps_per_epoch * cfg.optim.epochs
+        warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
+        if self.stage != "fp32" and self.resume is None and not _quantization_initialised(net):
+            core.calibrate_activation_step_sizes(net, _first_images(self.train_loader, 0))
+        _broadcast_from_rank0(net)
 
-    train_loader, val_loader = build_loaders(cfg.data, rank=rank, world_size=world_size, device=device,
-                                             distributed=world_size > 1)
-    steps_per_epoch = len(train_loader)
-    total_steps = steps_per_epoch * cfg.optim.epochs
-    warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+        ds_config = deepspeed_config(cfg, world_size=self.world_size, use_gpu=cfg.scaling.use_gpu)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=net, model_parameters=[p for p in net.parameters() if p.requires_grad], config=ds_config,
+            lr_scheduler=lambda opt: warmup_cosine(opt, total_steps=total_steps, warmup_steps=warmup_steps,
+                                                   lr_peak=cfg.optim.lr_peak, lr_final=cfg.optim.lr_final),
+            dist_init_required=False)
+        self.dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+        align_buffers(self.engine.module, self.dtype)
+        self.teacher = _load_teacher(cfg, self.device)
+        self.sampler = SubnetSampler(self.engine.module, cfg.policy, cfg.model, cfg.seed)
+        if self.resume is not None:
+            with self.resume.as_directory() as folder:
+                _, client_state = self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+            self.start_epoch = self.resumed_from = int(client_state["epoch"]) + 1
+        self.global_step = self.start_epoch * self.steps_per_epoch
 
-    if stage != "fp32" and resume is None and not _quantization_initialised(net):
-        core.calibrate_activation_step_sizes(net, _first_images(train_loader, 0))
-    _broadcast_from_rank0(net)
-
-    ds_config = deepspeed_config(cfg, world_size=world_size, use_gpu=use_gpu)
-    engine, _, _, _ = deepspeed.initialize(
-        model=net, model_parameters=[p for p in net.parameters() if p.requires_grad], config=ds_config,
-        lr_scheduler=lambda opt: warmup_cosine(opt, total_steps=total_steps, warmup_steps=warmup_steps,
-                                               lr_peak=cfg.optim.lr_peak, lr_final=cfg.optim.lr_final),
-        dist_init_required=False)
-    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
-    align_buffers(engine.module, dtype)
-    teacher = _load_teacher(cfg, device)
-    sampler = SubnetSampler(engine.module, cfg.policy, cfg.model, cfg.seed)
-
-    start_epoch, resumed_from = 0, -1
-    if resume is not None:
-        with resume.as_directory() as folder:
-            _, client_state = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
-        start_epoch = int(client_state["epoch"]) + 1
-        resumed_from = start_epoch
-    global_step = start_epoch * steps_per_epoch
-
-    accumulation = cfg.deepspeed.grad_accumulation
-    metrics: dict = {}
-    for epoch in range(start_epoch, cfg.optim.epochs):
+    def train_epoch(self, epoch: int) -> dict:
+        """One pass over this rank's shard, one sub-net per optimizer step (the same on every rank)."""
+        from orchestrator.engine.step import train_step
         started = time.perf_counter()
-        train_loader.set_epoch(epoch)
-        engine.train()
+        self.train_loader.set_epoch(epoch)
+        self.engine.train()
         loss_sum = torch.zeros(2, dtype=torch.float64)
-        for i, (images, labels) in enumerate(train_loader):
-            # One sub-net per optimizer step, the same on every rank.
-            step_loss, step_images = train_step(engine, images, labels, sampler=sampler, global_step=global_step,
-                                                epoch=epoch + i / steps_per_epoch, accumulation=accumulation,
-                                                distill=cfg.distill, teacher=teacher, dtype=dtype)
+        for i, (images, labels) in enumerate(self.train_loader):
+            step_loss, step_images = train_step(
+                self.engine, images, labels, sampler=self.sampler, global_step=self.global_step,
+                epoch=epoch + i / self.steps_per_epoch, accumulation=self.cfg.deepspeed.grad_accumulation,
+                distill=self.cfg.distill, teacher=self.teacher, dtype=self.dtype)
             loss_sum += torch.tensor([step_loss, step_images], dtype=torch.float64)
-            global_step += 1
+            self.global_step += 1
         if dist.is_initialized():
             dist.all_reduce(loss_sum)  # the mean training loss over every rank's images
-        epoch_time = time.perf_counter() - started
-        metrics = {"epoch": epoch, "train_loss": float(loss_sum[0] / max(loss_sum[1], 1)),
-                   "lr": engine.get_lr()[0], "epoch_time_s": epoch_time, "global_step": global_step,
-                   "resumed_at_epoch": resumed_from, "subnet_draws": sampler.draws}
-        last = epoch == cfg.optim.epochs - 1
-        evaluated = last or (epoch + 1) % cfg.eval_every_epochs == 0
-        table = None
-        if evaluated:
-            metrics.update(evaluate_stage(engine.module, val_loader, stage=stage, bits=bits,
-                                          rand_seeds=cfg.rand_seeds, device=device, dtype=dtype))
-            table = per_bit_table(metrics, bits=bits, stage=stage, first_last=cfg.model.first_last,
-                                  bits_weights=list(cfg.model.bits_weights))
-        # Every rank's digest travels to rank 0's report so the driver can compare the draws.
-        digests = [None] * world_size
-        if dist.is_initialized():
-            dist.all_gather_object(digests, sampler.digest)
-        else:
-            digests = [sampler.digest]
-        metrics["subnet_digests"] = digests
+        return {"epoch": epoch, "train_loss": float(loss_sum[0] / max(loss_sum[1], 1)),
+                "lr": self.engine.get_lr()[0], "epoch_time_s": time.perf_counter() - started,
+                "global_step": self.global_step, "resumed_at_epoch": self.resumed_from,
+                "subnet_draws": self.sampler.draws}
 
-        folder = Path(tempfile.mkdtemp(prefix=f"bitmixer-{cfg.name}-e{epoch}-"))
+    def evaluate(self, epoch: int, metrics: dict) -> dict | None:
+        """Every eval_every_epochs and at the end: top-1 per bit-width and Rand. into `metrics`; the table."""
+        from orchestrator.engine.evaluation import evaluate_stage, per_bit_table
+        cfg = self.cfg
+        if not (epoch == cfg.optim.epochs - 1 or (epoch + 1) % cfg.eval_every_epochs == 0):
+            return None
+        metrics.update(evaluate_stage(self.engine.module, self.val_loader, stage=self.stage, bits=self.bits,
+                                      rand_seeds=cfg.rand_seeds, device=self.device, dtype=self.dtype))
+        if self.holdout_loader is not None:
+            from orchestrator.engine.evaluation import as_holdout
+            metrics.update(as_holdout(evaluate_stage(
+                self.engine.module, self.holdout_loader, stage=self.stage, bits=self.bits,
+                rand_seeds=cfg.rand_seeds, device=self.device, dtype=self.dtype)))
+        return per_bit_table(metrics, bits=self.bits, stage=self.stage, first_last=cfg.model.first_last,
+                             bits_weights=list(cfg.model.bits_weights))
+
+    def checkpoint_and_report(self, epoch: int, metrics: dict, table: dict | None) -> None:
+        """Every rank saves its DeepSpeed shard; rank 0 adds model.pt and logs to MLflow; Ray merges the
+        shards into the epoch's checkpoint."""
+        import ray.train
+        from ray.train import Checkpoint
+        folder = Path(tempfile.mkdtemp(prefix=f"bitmixer-{self.cfg.name}-e{epoch}-"))
         try:
-            engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, client_state={"epoch": epoch},
-                                   save_latest=True)
-            if rank == 0:
-                _record_epoch(cfg, logger, engine.module, folder, metrics, table, last=last)
+            self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, client_state={"epoch": epoch},
+                                        save_latest=True)
+            if self.rank == 0:
+                _record_epoch(self.cfg, self.logger, self.engine.module, folder, metrics, table,
+                              last=epoch == self.cfg.optim.epochs - 1)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        _crash_if_asked(cfg, epoch, rank, world_size, loop_config.get("run_dir"))
+
+    def run(self) -> None:
+        self.build_engine(self.prepare_model())
+        for epoch in range(self.start_epoch, self.cfg.optim.epochs):
+            metrics = self.train_epoch(epoch)
+            table = self.evaluate(epoch, metrics)
+            for callback in self.callbacks:
+                callback.on_epoch_end(self, epoch, metrics)
+            self.checkpoint_and_report(epoch, metrics, table)
+            for callback in self.callbacks:
+                callback.after_report(self, epoch)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Entry point Ray Train runs on every worker; `loop_config` = {"stage": StageConfig JSON, "run_id",
+    "torch_extensions_dir", "run_dir", "callbacks"}."""
+    cfg = StageConfig.model_validate(loop_config["stage"])
+    # Before DeepSpeed is imported: its CPU accelerator, and a stable cache for the shm-comm build.
+    if not cfg.scaling.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", loop_config["torch_extensions_dir"])
+    StageWorker(cfg, run_id=loop_config["run_id"], run_dir=loop_config.get("run_dir"),
+                callbacks=loop_config.get("callbacks") or ()).run()

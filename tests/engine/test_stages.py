@@ -54,16 +54,19 @@ def stage_config(env, name, policy, epochs, lr_peak=5e-3, **extra):
 @pytest.fixture(scope="module")
 def stages(env):
     from orchestrator.engine import run_stage
-    one = run_stage(stage_config(env, "digits-stage1", dict(stage="one"), STAGE_EPOCHS["one"]))
+    from tests.engine.callbacks import CrashAfterEpoch, SubnetFingerprints
+    fingerprints = SubnetFingerprints()
+    one = run_stage(stage_config(env, "digits-stage1", dict(stage="one"), STAGE_EPOCHS["one"]),
+                    callbacks=[fingerprints])
     two = run_stage(stage_config(
         env, "digits-stage2", dict(stage="two"), STAGE_EPOCHS["two"], init_from=one.model_path,
         distill=dict(teacher="path", teacher_uri=f"runs:/{one.mlflow_run_id}/model.pt", temperature=2.0,
-                     weight=0.5)))
+                     weight=0.5)), callbacks=[fingerprints])
     marker = env["tmp"] / "crashed-once"
     three = run_stage(stage_config(
         env, "digits-stage3", dict(stage="three", k=0.75, ramp_epochs=0), STAGE_EPOCHS["three"], lr_peak=2e-3,
-        init_from=f"runs:/{two.mlflow_run_id}/model.pt",
-        debug=dict(crash_after_epoch=0, crash_marker=str(marker))))
+        init_from=f"runs:/{two.mlflow_run_id}/model.pt"),
+        callbacks=[fingerprints, CrashAfterEpoch(0, marker)])
     return {"one": one, "two": two, "three": three, "marker": marker}
 
 
