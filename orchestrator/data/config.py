@@ -65,6 +65,9 @@ class DataConfig(BaseModel):
     # Area range of the training random-resized crop: ImageNet's (0.08, 1); small images (the 32x32
     # digits) lose their content at 8 % and want a larger lower bound.
     train_crop_scale: tuple[float, float] = (0.08, 1.0)
+    # Share of the training set held out from training and evaluated like validation data: what a Stage III
+    # sweep picks its best trial on, so that the tables' validation figures never choose a model.
+    holdout_fraction: float = Field(default=0.0, ge=0, le=0.5)
     batch_size: int = Field(default=256, gt=0)
     num_workers: int = Field(default=8, gt=0)
     seed: int = 0

@@ -139,6 +139,18 @@ class ValLoader:
             yield self._finish(images), labels.view(-1).long()
 
 
+def holdout_split(total: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, held-out indices) of a training set of `total` images: every k-th image, k =
+    round(1 / fraction), is held out. A stride rather than a random draw keeps the slice class-balanced on
+    a class-ordered file and is the same on every node; uint64 like FFCV's own indices."""
+    everything = np.arange(total, dtype=np.uint64)
+    if fraction <= 0:
+        return everything, everything[:0]
+    held = np.zeros(total, dtype=bool)
+    held[:: max(int(round(1 / fraction)), 2)] = True
+    return everything[~held], everything[held]
+
+
 def _per_worker_batch(cfg: DataConfig, world_size: int) -> int:
     per_worker = cfg.batch_size // world_size
     if per_worker < 1:
@@ -156,8 +168,11 @@ def build_train_loader(
     batch = _per_worker_batch(cfg, world_size)
     res = cfg.resolution_for(0)
     decoder = RandomResizedCropRGBImageDecoder((res, res), scale=tuple(cfg.train_crop_scale))
+    path = str(Path(cfg.path) / "train.beton")
+    kept = holdout_split(Reader(path).num_samples, cfg.holdout_fraction)[0] if cfg.holdout_fraction else None
     loader = Loader(
-        str(Path(cfg.path) / "train.beton"),
+        path,
+        indices=kept,  # without the held-out slice, if any
         batch_size=batch,
         num_workers=cfg.num_workers,
         # in_memory: the data set fits in RAM, so the OS page cache serves it (ffcv-imagenet's choice).
@@ -180,16 +195,21 @@ def build_train_loader(
     return TrainLoader(loader, decoder, cfg, _finish(cfg, device))
 
 
-def build_val_loader(cfg: DataConfig, *, rank: int, world_size: int, device: torch.device) -> ValLoader:
+def build_val_loader(cfg: DataConfig, *, rank: int, world_size: int, device: torch.device,
+                     holdout: bool = False) -> ValLoader:
+    """This rank's shard of the validation set or, with `holdout`, of the held-out slice of the training
+    set, read the validation way (centre crop, sequential)."""
     batch = _per_worker_batch(cfg, world_size)
-    path = str(Path(cfg.path) / "val.beton")
+    path = str(Path(cfg.path) / ("train.beton" if holdout else "val.beton"))
     total = Reader(path).num_samples
     # uint64 like FFCV's own indices: int64 ones get mixed with uint64 into float64 and fail in numba.
-    shard = np.array_split(np.arange(total, dtype=np.uint64), world_size)[rank]
+    images = holdout_split(total, cfg.holdout_fraction)[1] if holdout else np.arange(total, dtype=np.uint64)
+    shard = np.array_split(images, world_size)[rank]
     if len(shard) == 0:
+        what = "held-out slice of the training set" if holdout else "validation set"
         raise DataError(
-            f"The validation set of {cfg.path} has {total} images, fewer than the {world_size} workers; "
-            "use fewer workers or a larger validation set."
+            f"The {what} of {cfg.path} has {len(images)} images, fewer than the {world_size} workers; "
+            "use fewer workers or a larger data set."
         )
     res = cfg.val_resolution
     loader = Loader(

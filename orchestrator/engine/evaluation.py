@@ -27,6 +27,14 @@ VAL_IMAGES = "val/images"
 TRAINING_METRICS = {"train_loss": "train/loss", "lr": "train/lr", "epoch_time_s": "sys/epoch_time_s"}
 
 
+HOLDOUT_PREFIX = "holdout/"  # the same figures on the held-out slice of the training set (sweep objective)
+
+
+def as_holdout(metrics: dict) -> dict:
+    """Figures of an evaluation on the held-out slice, renamed from val/... to holdout/..."""
+    return {HOLDOUT_PREFIX + k.removeprefix("val/"): v for k, v in metrics.items() if k.startswith("val/")}
+
+
 def top1_key(bits: int) -> str:
     """The metric name of top-1 (%) with every layer at `bits` bits."""
     return f"val/top1_{bits}bit"
@@ -41,7 +49,7 @@ def tracked_metrics(metrics: dict, *, fixed_bits: int | None = None) -> dict[str
     counters and lists left out. An Independent network (`fixed_bits`) keeps only its own bit-width."""
     out = {TRAINING_METRICS[k]: float(v) for k, v in metrics.items() if k in TRAINING_METRICS}
     for key, value in metrics.items():
-        if not key.startswith("val/") or key == VAL_IMAGES or isinstance(value, (list, bool)):
+        if not key.startswith(("val/", HOLDOUT_PREFIX)) or key.endswith("/images") or isinstance(value, (list, bool)):
             continue
         if fixed_bits is not None and key not in (top1_key(fixed_bits), top5_key(fixed_bits)):
             continue

@@ -144,6 +144,8 @@ class SweepSpec(Strict):
     ramp_epochs: list[int] = Field(default_factory=lambda: [80])
     ramp_shape: list[Literal["linear", "cosine"]] = Field(default_factory=lambda: ["linear"])
     objective: Objective = "mean_bits_and_rand"
+    holdout_fraction: float = Field(0.1, gt=0, le=0.5, description="Share of the training set every trial "
+                                    "holds out of training and is scored on (never the validation set).")
     num_samples: int = Field(1, ge=1, description="Repeats of the grid (each repeat = one trial per point).")
     asha: bool = False
     grace_period: int = Field(1, ge=1, description="ASHA: epochs a trial runs before it can be stopped.")

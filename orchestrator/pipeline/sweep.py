@@ -7,6 +7,9 @@ stage's evaluations to Tune as they appear in MLflow, so ASHA (optional) can sto
 Each trial is an MLflow run nested under the sweep's run; a trial whose exact config already FINISHED is
 not trained again. The best trial is the architecture's final model and is registered in the MLflow
 model registry.
+
+The objective never reads the validation set the tables report: every trial holds a slice of the training
+set out of training (`sweep.holdout_fraction`, every k-th image) and is scored on it (`holdout/...`).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import threading
 import time
 
 from orchestrator.engine.config import StageConfig, config_hash
-from orchestrator.engine.evaluation import RAND_TOP1, top1_key
+from orchestrator.engine.evaluation import HOLDOUT_PREFIX
 from orchestrator.pipeline.config import SweepSpec
 from orchestrator.pipeline.outcome import FINISHED, SKIPPED, StageOutcome, finished_outcome, model_uri
 
@@ -23,10 +26,11 @@ TAG_SWEEP = "bitmixer.sweep_of"
 TAG_BEST_TRIAL = "bitmixer.best_trial"
 
 
-def objective(metrics: dict, bits: list[int], name: str) -> float | None:
-    """The sweep's score of one evaluation (None when the evaluation is not in `metrics`)."""
-    per_bit = [metrics.get(top1_key(b)) for b in bits]
-    rand = metrics.get(RAND_TOP1)
+def objective(metrics: dict, bits: list[int], name: str, split: str = HOLDOUT_PREFIX) -> float | None:
+    """The sweep's score of one evaluation on `split` (the held-out slice of the training set; "val/" only
+    for a sweep without one); None when that evaluation is not in `metrics`."""
+    per_bit = [metrics.get(f"{split}top1_{b}bit") for b in bits]
+    rand = metrics.get(f"{split}rand_top1_mean")
     if name == "rand":
         return rand
     if name == "lowest_bit":
@@ -37,14 +41,16 @@ def objective(metrics: dict, bits: list[int], name: str) -> float | None:
 
 
 def trial_config(base: StageConfig, k: float, ramp_epochs: int, ramp_shape: str, parent_run_id: str,
-                 repeat: int = 0) -> StageConfig:
+                 repeat: int = 0, holdout_fraction: float = 0.0) -> StageConfig:
     """The Stage III config of one trial. Repeat r > 0 of a grid point is its own trial: its own seed (so
-    its own config hash, MLflow run and Ray run name), named `...-r<r>`."""
+    its own config hash, MLflow run and Ray run name), named `...-r<r>`. The trial trains without the
+    held-out slice (`holdout_fraction` of the training set) and is scored on it."""
     name = f"{base.name}-k{k:.3g}-ramp{ramp_epochs}-{ramp_shape}" + (f"-r{repeat}" if repeat else "")
     title = f"{base.tracking.run_name or base.name} k{k:.3g} ramp{ramp_epochs} {ramp_shape}" + (f" r{repeat}" if repeat else "")
     return base.model_copy(update={
         "name": name, "seed": base.seed + repeat,
         "policy": base.policy.model_copy(update={"k": k, "ramp_epochs": ramp_epochs, "ramp_shape": ramp_shape}),
+        "data": base.data.model_copy(update={"holdout_fraction": holdout_fraction}),
         "tracking": base.tracking.model_copy(update={"parent_run_id": parent_run_id, "run_name": title}),
     })
 
@@ -61,15 +67,21 @@ def _running_run_id(cfg: StageConfig, digest: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def _split(cfg: StageConfig) -> str:
+    """Which figures score a trial: the held-out slice when the trial has one."""
+    return HOLDOUT_PREFIX if cfg.data.holdout_fraction > 0 else "val/"
+
+
 def _evaluations(cfg: StageConfig, run_id: str, bits: list[int], name: str) -> dict[int, float]:
     """epoch -> objective, for every evaluation the stage has logged so far."""
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
     by_epoch: dict[int, dict] = {}
-    for key in [*(top1_key(b) for b in bits), RAND_TOP1]:
+    split = _split(cfg)
+    for key in [*(f"{split}top1_{b}bit" for b in bits), f"{split}rand_top1_mean"]:
         for m in client.get_metric_history(run_id, key):
             by_epoch.setdefault(m.step, {})[key] = m.value
-    scores = {epoch: objective(values, bits, name) for epoch, values in by_epoch.items()}
+    scores = {epoch: objective(values, bits, name, split) for epoch, values in by_epoch.items()}
     return {epoch: s for epoch, s in scores.items() if s is not None}
 
 
@@ -81,13 +93,13 @@ def _trial(config: dict) -> None:
 
     base = StageConfig.model_validate(config["stage"])
     cfg = trial_config(base, config["k"], config["ramp_epochs"], config["ramp_shape"], config["sweep_run_id"],
-                       repeat=config.get("repeat", 0))
+                       repeat=config.get("repeat", 0), holdout_fraction=config.get("holdout_fraction", 0.0))
     bits, name = list(cfg.model.bits_activations), config["objective"]
     digest = config_hash(cfg)
     done = None if config.get("retrain") else finished_outcome(cfg.name, cfg.tracking.tracking_uri,
                                                                 cfg.tracking.experiment, digest)
     if done is not None:
-        tune.report({"objective": objective(done.metrics, bits, name) or 0.0, "epoch": cfg.optim.epochs,
+        tune.report({"objective": objective(done.metrics, bits, name, _split(cfg)) or 0.0, "epoch": cfg.optim.epochs,
                      "run_id": done.run_id, "skipped": True, "done": True})
         return
 
@@ -116,7 +128,7 @@ def _trial(config: dict) -> None:
     if "error" in box:
         raise box["error"]
     result = box["result"]
-    tune.report({"objective": objective(result.metrics, bits, name) or 0.0, "epoch": cfg.optim.epochs,
+    tune.report({"objective": objective(result.metrics, bits, name, _split(cfg)) or 0.0, "epoch": cfg.optim.epochs,
                  "run_id": result.mlflow_run_id, "skipped": False, "done": True})
 
 
@@ -166,7 +178,7 @@ def run_sweep(base: StageConfig, spec: SweepSpec, *, trial_cpus: float, storage_
         "ramp_shape": tune.grid_search(spec.ramp_shape),
         "repeat": tune.grid_search(list(range(spec.num_samples))),  # repeats are distinct trials (own seed)
         "stage": base.model_dump(mode="json"), "sweep_run_id": sweep_run_id, "objective": spec.objective,
-        "retrain": retrain,
+        "retrain": retrain, "holdout_fraction": spec.holdout_fraction,
     }
     concurrent = spec.max_concurrent_trials or _trials_that_fit(base, trial_cpus)
     scheduler = (ASHAScheduler(time_attr="epoch", max_t=base.optim.epochs, grace_period=spec.grace_period)

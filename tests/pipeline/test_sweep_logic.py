@@ -11,7 +11,10 @@ from orchestrator.pipeline.plan import build_plan
 from orchestrator.pipeline.sweep import objective, trial_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
-METRICS = {"val/top1_2bit": 60.0, "val/top1_3bit": 70.0, "val/top1_4bit": 80.0, "val/rand_top1_mean": 50.0}
+METRICS = {"holdout/top1_2bit": 60.0, "holdout/top1_3bit": 70.0, "holdout/top1_4bit": 80.0,
+           "holdout/rand_top1_mean": 50.0,
+           # The validation figures the tables report: they must never rank a trial.
+           "val/top1_2bit": 99.0, "val/top1_3bit": 99.0, "val/top1_4bit": 99.0, "val/rand_top1_mean": 99.0}
 
 
 def test_objectives():
@@ -20,7 +23,30 @@ def test_objectives():
     assert objective(METRICS, [2, 3, 4], "mean_bits_and_rand") == pytest.approx(65.0)
     assert objective(METRICS, [2, 3, 4], "rand") == 50.0
     assert objective(METRICS, [2, 3, 4], "lowest_bit") == 60.0
-    assert objective({"val/top1_2bit": 1.0}, [2, 3, 4], "mean_bits_and_rand") is None
+    assert objective({"holdout/top1_2bit": 1.0}, [2, 3, 4], "mean_bits_and_rand") is None
+
+
+def test_the_sweep_objective_reads_a_held_out_slice_of_the_training_set():
+    """Every trial trains without the held-out slice and is ranked on it, never on the validation set."""
+    cfg = load_pipeline_config(CONFIGS / "embedded.yaml")
+    base = build_plan(cfg, data_path="/d", tracking_uri="sqlite:////tmp/x.db").nodes["resnet_tiny/main/three"].config
+    assert base.data.holdout_fraction == 0  # the main chain trains on the whole training set
+    trial = trial_config(base, 0.8, 3, "cosine", "sweep-run", holdout_fraction=cfg.sweep.holdout_fraction)
+    assert trial.data.holdout_fraction == cfg.sweep.holdout_fraction > 0
+    assert objective({k: v for k, v in METRICS.items() if k.startswith("val/")}, [2, 3, 4], "rand") is None
+
+
+def test_held_out_slice_is_disjoint_from_training_and_class_balanced():
+    """holdout_split: every k-th image held out; the two sets partition the training set."""
+    import numpy as np
+
+    from orchestrator.data.loaders import holdout_split
+    train, held = holdout_split(1000, 0.1)
+    assert len(held) == 100 and len(train) == 900 and not set(train.tolist()) & set(held.tolist())
+    assert train.dtype == np.uint64 and held.dtype == np.uint64  # FFCV's index type
+    labels = np.repeat(np.arange(10), 100)  # a class-ordered file
+    assert np.bincount(labels[held.astype(int)], minlength=10).tolist() == [10] * 10
+    assert len(holdout_split(50, 0.0)[1]) == 0
 
 
 def test_trial_config_changes_only_the_swept_values():
