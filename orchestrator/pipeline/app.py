@@ -59,14 +59,16 @@ def prepare_data(cfg: PipelineConfig, work_dir: Path) -> Path:
 
 
 def table_outcomes(plan: Plan, outcomes: dict[str, StageOutcome]) -> dict[tuple[str, str, str], dict]:
-    """Plan outcomes as the tables' (architecture, variant, stage) -> top-1 per bit key."""
-    result = {}
+    """Plan outcomes as the tables' (architecture, variant, stage) -> top-1 per bit key; with several seeds
+    a figure is the MeanStd over the seeds that finished."""
+    from orchestrator.pipeline.paper_tables import over_seeds
+    per_seed: dict[tuple[str, str, str], list[dict]] = {}
     for key, outcome in outcomes.items():
         node = plan.nodes[key]
         if outcome.ok and node.stage in ("two", "three"):
-            result[(node.arch, node.variant, node.stage)] = per_bit_top1(outcome.metrics,
-                                                                         list(node.config.model.bits_activations))
-    return result
+            per_seed.setdefault((node.arch, node.variant, node.stage), []).append(
+                per_bit_top1(outcome.metrics, list(node.config.model.bits_activations)))
+    return {where: over_seeds(runs) for where, runs in per_seed.items()}
 
 
 def _experiment(client, cfg: PipelineConfig, tracking_uri: str, work_dir: Path) -> str:

@@ -271,6 +271,8 @@ class PipelineConfig(Strict):
     name: str = Field(pattern=rf"^{MODEL_NAME}$", description="Part of run and registered-model names.")
     work_dir: str | None = Field(None, description="Default: runs/<name> under the current folder.")
     seed: int = 0
+    seeds: list[int] | None = Field(None, min_length=1, description="Train every chain once per seed (the first "
+                                    "replaces `seed`); the tables then print mean ± std over the seeds.")
     data: DataSpec
     bits: BitsSpec = Field(default_factory=BitsSpec)
     architectures: list[ArchitectureSpec] = Field(min_length=1)
@@ -300,6 +302,8 @@ class PipelineConfig(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "PipelineConfig":
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds lists {self.seeds}; each seed may appear once")
         names = [a.name for a in self.architectures]
         if len(set(names)) != len(names):
             raise ValueError(f"architectures lists {names}; each architecture may appear once")

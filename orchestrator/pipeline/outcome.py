@@ -55,12 +55,15 @@ def headline_metrics(per_bit: dict[tuple[str, str, str], dict[str, float]]) -> d
         if variant.startswith("independent_"):
             bits = variant.removeprefix("independent_")
             if bits in figures:
-                out[f"{arch}/indep/top1_{bits}bit"] = figures[bits]
+                out[f"{arch}/indep/top1_{bits}bit"] = float(figures[bits])
             continue
         stage_name = STAGE_NAMES.get(stage, stage)
         prefix = f"{arch}/{stage_name}" if variant == "main" else f"{arch}/{variant}/{stage_name}"
         for key, value in figures.items():
-            out[f"{prefix}/rand" if key == "rand" else f"{prefix}/top1_{key}bit"] = value
+            name = f"{prefix}/rand" if key == "rand" else f"{prefix}/top1_{key}bit"
+            out[name] = float(value)
+            if hasattr(value, "std"):  # a MeanStd over seeds
+                out[f"{name}_std"] = value.std
     return out
 
 

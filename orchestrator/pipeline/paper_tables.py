@@ -15,8 +15,22 @@ import csv
 import io
 from dataclasses import dataclass, field
 
-Cell = float | None
-PerBit = dict[str, float]
+
+
+@dataclass(frozen=True)
+class MeanStd:
+    """A figure over several seeds: mean and sample standard deviation, shown as "mean ± std"."""
+
+    mean: float
+    std: float
+    n: int
+
+    def __float__(self) -> float:
+        return self.mean
+
+
+Cell = float | MeanStd | None
+PerBit = dict[str, float | MeanStd]
 # (architecture, variant, stage) -> top-1 (%) per bit key; stage is "two" or "three".
 Outcomes = dict[tuple[str, str, str], PerBit]
 
@@ -86,9 +100,21 @@ def format_cell(value: str | Cell) -> str:
     """A cell as shown: figures with one decimal, a missing figure as "–", labels as they are."""
     if value is None:
         return MISSING
+    if isinstance(value, MeanStd):
+        return f"{value.mean:.1f} ± {value.std:.1f}"
     if isinstance(value, float):
         return f"{value:.1f}"
     return str(value)
+
+
+def over_seeds(runs: list[PerBit]) -> PerBit:
+    """One run's figures as they are; several runs' (seeds) as MeanStd per bit key they all have."""
+    import statistics
+    if len(runs) == 1:
+        return runs[0]
+    keys = [k for k in runs[0] if all(k in r for r in runs)]
+    return {k: MeanStd(statistics.fmean(float(r[k]) for r in runs), statistics.stdev(float(r[k]) for r in runs),
+                       len(runs)) for k in keys}
 
 
 @dataclass

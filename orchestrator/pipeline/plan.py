@@ -17,7 +17,7 @@ Chains ("variants") per architecture, in the paper's words:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -50,6 +50,7 @@ class StageNode:
     init_after: str | None = None  # key of the node whose model this one starts from
     teacher_after: str | None = None
     sweep: bool = False            # Stage III of the main chain run as a Ray Tune sweep
+    replica: bool = False          # the same stage under another of the pipeline's seeds
 
 
 @dataclass
@@ -155,7 +156,22 @@ class _Builder:
             stages = cfg.ablation_arch.stages
             self.ablations([s for s in ("one", "two", "three") if getattr(stages, s).enabled])
         self.independent()  # last: a 1-bit network starts from the 4-3-2-1 chain's Stage I
+        self.replicate_over_seeds()
         return self.plan
+
+    def replicate_over_seeds(self) -> None:
+        """`seeds: [s0, s1, ...]`: the plan built with s0 is repeated for every other seed, each copy keyed
+        `<key>@seed<s>` and starting from (and learning from) its own seed's models."""
+        seeds = self.cfg.seeds or [self.cfg.seed]
+        first = list(self.plan.nodes.values())
+        for node in first:
+            self.plan.nodes[node.key] = replace(node, config=_with_seed(node.config, seeds[0], suffix=False))
+        for seed in seeds[1:]:
+            copy = lambda key: None if key is None else f"{key}@seed{seed}"  # noqa: E731
+            for node in first:
+                self.plan.add(replace(node, key=copy(node.key), init_after=copy(node.init_after),
+                                      teacher_after=copy(node.teacher_after), replica=True,
+                                      config=_with_seed(node.config, seed, suffix=True)))
 
     def independent(self) -> None:
         spec = self.cfg.baselines.independent
@@ -204,6 +220,15 @@ class _Builder:
             self.chain(arch, "asymmetric", upto_two, model=self.model(arch, symmetric=False), **teachers)
             self.chain(arch, "asymmetric_round", upto_two,
                        model=self.model(arch, symmetric=False, rounding="round"), **teachers)
+
+
+def _with_seed(config: StageConfig, seed: int, *, suffix: bool) -> StageConfig:
+    """The stage under run seed `seed` (weights init and sub-net draws); a replica's names say which."""
+    if not suffix:
+        return config.model_copy(update={"seed": seed})
+    title = f"{config.tracking.run_name or config.name} seed{seed}"
+    return config.model_copy(update={"seed": seed, "name": f"{config.name}-seed{seed}",
+                                     "tracking": config.tracking.model_copy(update={"run_name": title})})
 
 
 def build_plan(cfg: PipelineConfig, *, data_path: str | Path, tracking_uri: str | None = None) -> Plan:

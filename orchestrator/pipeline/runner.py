@@ -63,14 +63,15 @@ def execute_node(node: StageNode, upstream: list[StageOutcome], *, parent_run_id
                                        model_uri=model_uri(result.mlflow_run_id), metrics=result.metrics,
                                        config_hash=digest,
                                        detail=f"resumed at epoch {resumed}" if resumed is not None and resumed >= 0 else "")
-        if node.variant == "main" and node.stage == "three" and pipeline.tracking.register_models:
+        final = node.variant == "main" and node.stage == "three" and not node.replica  # the first seed's
+        if final and pipeline.tracking.register_models:
             from orchestrator.pipeline.sweep import register_final_model
             name = f"{pipeline.tracking.registered_model_prefix}-{pipeline.name}-{node.arch}"
             from orchestrator.pipeline.outcome import per_bit_top1
             version = register_final_model(cfg.tracking.tracking_uri, name, outcome.run_id, architecture=node.arch,
                                            per_bit=per_bit_top1(outcome.metrics, list(cfg.model.bits_activations)))
             outcome.detail = f"{outcome.detail}; registered as {name} v{version}".lstrip("; ")
-        if node.variant == "main" and node.stage == "three" and pipeline.tracking.analysis_plots:
+        if final and pipeline.tracking.analysis_plots:
             from orchestrator.pipeline.analysis import analyse_final_stage
             analyse_final_stage(node.arch, outcome, cfg.data, tracking_uri=cfg.tracking.tracking_uri,
                                 eigenvalues=pipeline.tracking.analysis_eigenvalues)

@@ -107,3 +107,16 @@ def test_only_ablations_that_ran_get_a_table():
                           main_teacher="none")
     assert [t.name for t in tables] == ["table7", "table1"]
     assert _row(tables[1], "w/o Transitional BN")[1:3] == [40.0, 8.2]
+
+
+def test_several_seeds_print_mean_and_standard_deviation():
+    """A figure over seeds is their mean ± sample standard deviation, in every rendering; a bit key that
+    one seed lacks is left out rather than averaged over fewer runs."""
+    from orchestrator.pipeline.paper_tables import MeanStd, format_cell, over_seeds, table1
+    runs = [{"4": 80.0, "2": 50.0, "rand": 60.0}, {"4": 82.0, "2": 54.0}, {"4": 84.0, "2": 52.0}]
+    merged = over_seeds(runs)
+    assert merged == {"4": MeanStd(82.0, 2.0, 3), "2": MeanStd(52.0, 2.0, 3)}
+    assert format_cell(merged["4"]) == "82.0 ± 2.0"
+    assert over_seeds(runs[:1]) == runs[0]
+    t = table1({("r", "main", "three"): merged}, "r")
+    assert "82.0 ± 2.0" in t.to_markdown() and "82.0 ± 2.0" in t.to_dict()["4 (ours)"]

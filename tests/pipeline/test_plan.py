@@ -86,3 +86,36 @@ def test_engine_refusal_is_reported_before_anything_runs():
     raw["data"]["batch_size"] = 127
     with pytest.raises(PipelineConfigError, match="must be divisible by scaling.num_workers"):
         build_plan(parse_pipeline_config(raw), data_path="/data", tracking_uri="sqlite:////tmp/x.db")
+
+
+def test_seeds_repeat_every_chain_under_its_own_seed():
+    """`seeds: [0, 1, 2]`: each stage runs once per seed, every copy starting from and learning from its own
+    seed's models; only the first seed's final model is registered and analysed (replica False)."""
+    raw = yaml.safe_load((CONFIGS / "embedded.yaml").read_text())
+    raw["seeds"] = [0, 1, 2]
+    plan = build_plan(parse_pipeline_config(raw, "seeds.yaml"), data_path="/data", tracking_uri="sqlite:////tmp/x.db")
+    base = [k for k in plan.nodes if "@" not in k]
+    assert len(plan.nodes) == 3 * len(base)
+    two = plan.nodes["resnet_tiny/main/two@seed2"]
+    assert two.init_after == "resnet_tiny/main/one@seed2" and two.config.seed == 2 and two.replica
+    assert plan.nodes["resnet_tiny/main/two"].config.seed == 0 and not plan.nodes["resnet_tiny/main/two"].replica
+    assert two.config.name.endswith("-seed2") and two.config.tracking.run_name.endswith("seed2")
+    names = [n.config.name for n in plan.nodes.values()]
+    assert len(set(names)) == len(names)  # distinct Ray run names and MLflow runs
+    raw["seeds"] = [1, 1]
+    with pytest.raises(PipelineConfigError, match="each seed may appear once"):
+        parse_pipeline_config(raw, "seeds.yaml")
+
+
+def test_table_figures_are_aggregated_over_the_seeds_that_finished():
+    """table_outcomes merges the seeds of one (architecture, variant, stage) into mean ± std."""
+    from orchestrator.pipeline.app import table_outcomes
+    from orchestrator.pipeline.outcome import FAILED, FINISHED, StageOutcome
+    raw = yaml.safe_load((CONFIGS / "embedded.yaml").read_text())
+    raw["seeds"] = [0, 1, 2]
+    plan = build_plan(parse_pipeline_config(raw, "seeds.yaml"), data_path="/data", tracking_uri="sqlite:////tmp/x.db")
+    outcomes = {key: StageOutcome(key=key, status=FINISHED, metrics={"val/top1_2bit": 10.0 * (i + 1)})
+                for i, key in enumerate(["resnet_tiny/main/two", "resnet_tiny/main/two@seed1"])}
+    outcomes["resnet_tiny/main/two@seed2"] = StageOutcome(key="resnet_tiny/main/two@seed2", status=FAILED)
+    merged = table_outcomes(plan, outcomes)[("resnet_tiny", "main", "two")]["2"]
+    assert (merged.mean, round(merged.std, 6), merged.n) == (15.0, round(50 ** 0.5, 6), 2)
