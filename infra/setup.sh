@@ -10,8 +10,9 @@ stamp="$VENV/.bitmixer-setup"
 want=$( (cat pyproject.toml infra/setup.sh; echo "$TORCH_VERSION") | sha256sum | cut -d' ' -f1)
 
 # FFCV compiles against OpenCV and libjpeg-turbo; pkg-config, g++ and ninja build it and DeepSpeed's ops;
-# rsync is what the Ray cluster launcher uploads with (tests/infra runs it with the launcher's filter).
-apt_pkgs="libopencv-dev libturbojpeg0-dev pkg-config g++ ninja-build rsync"
+# rsync is what the Ray cluster launcher uploads with (tests/infra runs it with the launcher's filter);
+# chromium is the browser tests/ui opens the MLflow UI in (headless, driven by Playwright).
+apt_pkgs="libopencv-dev libturbojpeg0-dev pkg-config g++ ninja-build rsync chromium"
 missing=""
 for p in $apt_pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
@@ -20,7 +21,7 @@ if [ -n "$missing" ]; then
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
   else
-    echo "setup: FFCV needs these system packages; install them and run again: sudo apt-get install$missing" >&2
+    echo "setup: the build and the tests need these system packages; install them and run again: sudo apt-get install$missing" >&2
     exit 1
   fi
 fi
