@@ -68,6 +68,13 @@ def server(tmp_path_factory):
         yield running
 
 
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> str:
+    """The embedded digits as a data folder (a stage checks its data before it opens its run)."""
+    from orchestrator.data.embedded import write_embedded_digits
+    return str(write_embedded_digits(tmp_path_factory.mktemp("data") / "digits"))
+
+
 @pytest.fixture
 def no_tracking_credentials():
     """The credentials may come from the URI only; the variables are restored afterwards."""
@@ -130,13 +137,11 @@ def test_reachability_check_reads_credentials_in_the_uri(server, no_tracking_cre
     assert SECRET not in str(info.value) and "127.0.0.1" in str(info.value)
 
 
-def _stage_config(tmp_path: Path, tracking_uri: str):
+def _stage_config(tmp_path: Path, tracking_uri: str, data: str):
     from orchestrator.engine.config import StageConfig
-    data = tmp_path / "data"
-    data.mkdir(exist_ok=True)
     return StageConfig.model_validate(dict(  # as a YAML preset would give it
         name="credentials-stage", model=dict(name="resnet_tiny", num_classes=10, stem="small"),
-        data=dict(path=str(data), batch_size=32), policy=dict(stage="one"),
+        data=dict(path=data, batch_size=32), policy=dict(stage="one"),
         tracking=dict(tracking_uri=tracking_uri, experiment="credentials"),
         storage_path=str(tmp_path / "ray")))
 
@@ -145,7 +150,7 @@ class _StopBeforeRay(RuntimeError):
     pass
 
 
-def test_stage_run_never_shows_the_password(server, tmp_path, monkeypatch, capfd, no_tracking_credentials):
+def test_stage_run_never_shows_the_password(server, digits, tmp_path, monkeypatch, capfd, no_tracking_credentials):
     """run_stage with tracking_uri http://user:secret@... : the run is created (the credentials worked),
     its params and config/stage.yaml name the server without them, the config handed to the workers has
     none, rank 0's logger authenticates from the environment, and stdout/stderr never show the secret."""
@@ -161,7 +166,7 @@ def test_stage_run_never_shows_the_password(server, tmp_path, monkeypatch, capfd
         raise _StopBeforeRay("Ray is not started by this test")
 
     monkeypatch.setattr(stage, "_ensure_ray", stop_before_ray)
-    cfg = _stage_config(tmp_path, server.uri_with_credentials)
+    cfg = _stage_config(tmp_path, server.uri_with_credentials, digits)
     assert cfg.tracking.tracking_uri == server.uri
     assert os.environ[USERNAME_VARIABLE] == USER and os.environ[PASSWORD_VARIABLE] == SECRET
     with pytest.raises(_StopBeforeRay):
@@ -194,7 +199,7 @@ def test_stage_run_never_shows_the_password(server, tmp_path, monkeypatch, capfd
     assert SECRET not in out and SECRET not in err
 
 
-def test_a_real_stage_run_never_shows_the_password(server, tmp_path, capfd, no_tracking_credentials):
+def test_a_real_stage_run_never_shows_the_password(server, digits, tmp_path, capfd, no_tracking_credentials):
     """One real stage (local Ray, 2 Train workers, DeepSpeed, FFCV, 1 epoch on the embedded digits) against
     the basic-auth server with tracking_uri http://user:secret@...: it finishes (rank 0 logged metrics,
     tables and model.pt with the credentials it inherited from the environment), and the secret is in
@@ -202,14 +207,12 @@ def test_a_real_stage_run_never_shows_the_password(server, tmp_path, capfd, no_t
     import ray
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.data.embedded import write_embedded_digits
     from orchestrator.engine.config import StageConfig
     from orchestrator.engine.stage import run_stage
 
-    data = write_embedded_digits(tmp_path / "digits")
     cfg = StageConfig.model_validate(dict(
         name="credentials-real-stage", model=dict(name="resnet_tiny", num_classes=10, stem="small"),
-        data=dict(path=str(data), train_resolution=32, val_resolution=32, val_crop_ratio=1.0, batch_size=32,
+        data=dict(path=digits, train_resolution=32, val_resolution=32, val_crop_ratio=1.0, batch_size=32,
                   num_workers=1),
         optim=dict(epochs=1, warmup_epochs=0.5, lr_peak=5e-3), policy=dict(stage="one"),
         scaling=dict(num_workers=2, cpus_per_worker=0.5),
