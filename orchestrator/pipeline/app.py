@@ -71,6 +71,19 @@ def table_outcomes(plan: Plan, outcomes: dict[str, StageOutcome]) -> dict[tuple[
     return {where: over_seeds(runs) for where, runs in per_seed.items()}
 
 
+def subnet_figures(plan: Plan, outcomes: dict[str, StageOutcome]) -> dict[str, dict[str, float]]:
+    """Architecture -> the Table 6 sub-net figures of its final model (first seed), where the search ran."""
+    from orchestrator.pipeline.subnet_table import METRIC_PREFIX
+    found = {}
+    for key, outcome in outcomes.items():
+        node = plan.nodes[key]
+        if node.variant == "main" and node.stage == "three" and not node.replica:
+            figures = {k: v for k, v in outcome.metrics.items() if k.startswith(METRIC_PREFIX)}
+            if figures:
+                found[node.arch] = figures
+    return found
+
+
 def _experiment(client, cfg: PipelineConfig, tracking_uri: str, work_dir: Path) -> str:
     """Create the experiment here, in the driver, before any stage or trial races to create it; it opens
     in the MLflow UI's model-training view, with a description."""
@@ -206,7 +219,8 @@ def _run_pipeline(cfg: PipelineConfig, *, log, retrain: bool) -> PipelineReport:
                               bit_keys=[str(b) for b in sorted(cfg.bits.activations, reverse=True)],
                               ablation_arch=cfg.ablation_arch.name, ablations=cfg.ablations.model_dump(),
                               main_teacher={"two": cfg.distillation.teacher,
-                                            "three": cfg.distillation.stage_three_teacher or cfg.distillation.teacher})
+                                            "three": cfg.distillation.stage_three_teacher or cfg.distillation.teacher},
+                              subnets=subnet_figures(plan, outcomes))
         log_tables(client, run_id, tables, work_dir)
         report = PipelineReport(run_id=run_id, outcomes=outcomes, tables=tables, tracking_uri=tracking_uri,
                                 seconds=time.monotonic() - started, experiment_id=experiment_id)

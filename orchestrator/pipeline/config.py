@@ -246,6 +246,8 @@ class TrackingSpec(Strict):
     analysis_plots: bool = Field(True, description="Log Fig. 3/6/7 of each architecture's final Stage III model.")
     analysis_eigenvalues: bool = Field(False, description="Also Fig. 4 (sub-net search) and Fig. 5 (Hessian power "
                                        "iteration; ~5 s on resnet_tiny on CPU, much more on ResNet-18).")
+    table6: bool = Field(True, description="Table 6: the section 4.2 sub-net search on each architecture's final "
+                         "model (top-k by Hessian score against random assignments of the same average bits).")
 
 
     @field_validator("storage_path")

@@ -257,10 +257,53 @@ def table5(outcomes: Outcomes, arch: str) -> Table:
                       PAPER_TABLE5["asymmetric_round"])], keys)
 
 
+# Table 6 (ResNet-18): Bit-Mixer at fixed and at fractional average bit-widths (section 4.2 sub-nets).
+PAPER_TABLE6 = {"4": 69.1, "3.5": 69.2, "3": 68.6, "2.5": 66.4, "2": 64.4}
+FRACTIONS = {".25": "¼", ".5": "½", ".75": "¾"}
+
+
+def _bits_label(bits: str) -> str:
+    """A bit-width as a column label without "." (the MLflow table view): "3.5" -> "3½"."""
+    whole, dot, fraction = bits.partition(".")
+    return whole + FRACTIONS.get(dot + fraction, ("," + fraction) if fraction else "")
+
+
+def table6(outcomes: Outcomes, subnets: dict[str, dict[str, float]], architectures: list[str],
+           bit_keys: list[str]) -> Table:
+    """Table 6: per architecture, Stage III at its highest and lowest fixed bit-width and, between them, the
+    best of the top-k sub-nets of the Hessian search at each average bit-width (section 4.2), above the mean
+    of random assignments of the same total bits. `subnets`: architecture -> subnets/avg<b>/... metrics."""
+    budgets = sorted({k.split("/")[1].removeprefix("avg") for s in subnets.values() for k in s}, key=float,
+                     reverse=True)
+    high, low = bit_keys[0], bit_keys[-1]
+    keys = [high, *[b for b in budgets if b not in (high, low)], low]
+    t = Table("table6", "Table 6: top-1 (%) at average bit-widths, sub-nets found by the Hessian search",
+              ["Architecture", "Sub-nets", *_bit_columns(keys, {k: _bits_label(k) for k in keys})],
+              note=f"Fractional bit-widths: the best of the top-3 assignments by the per-layer Hessian "
+                   f"eigenvalue score, and the mean of 3 random assignments of the same total bits; "
+                   f"whole bit-widths: every layer alike. {MISSING} = no figure.")
+    for arch in architectures:
+        fixed = outcomes.get((arch, "main", "three")) or {}
+        found = subnets.get(arch, {})
+        searched = {b: found.get(f"subnets/avg{b}/top_best_top1") for b in budgets}
+        random = {b: found.get(f"subnets/avg{b}/random_mean_top1") for b in budgets}
+        for label, figures in (("top-k by Hessian score", {**searched, high: fixed.get(high), low: fixed.get(low)}),
+                               ("random, same total bits", random)):
+            row: list[str | Cell] = [arch, label]
+            for key in keys:
+                row += [figures.get(key), PAPER_TABLE6.get(key) if label.startswith("top") else None]
+            t.rows.append(row)
+    return t
+
+
 def build_tables(outcomes: Outcomes, *, architectures: list[str], bit_keys: list[str], ablation_arch: str,
-                 ablations: dict[str, bool], main_teacher: str | dict[str, str]) -> list[Table]:
-    """Table 7 always; Tables 1-5 for the ablations that were switched on (`AblationsSpec` field names)."""
+                 ablations: dict[str, bool], main_teacher: str | dict[str, str],
+                 subnets: dict[str, dict[str, float]] | None = None) -> list[Table]:
+    """Table 7 always; Table 6 when the sub-net search ran; Tables 1-5 for the ablations that were switched on
+    (`AblationsSpec` field names)."""
     tables = [table7(outcomes, architectures, bit_keys)]
+    if subnets:
+        tables.append(table6(outcomes, subnets, architectures, bit_keys))
     if ablations.get("no_transitional_bn"):
         tables.append(table1(outcomes, ablation_arch))
     if ablations.get("teachers"):

@@ -74,7 +74,7 @@ def test_run_names_are_short_distinct_and_start_with_the_stage():
     assert len(set(names.values())) == len(names)
     assert names["resnet_tiny/main/three"] == "stage3 resnet_tiny"
     assert names["resnet_tiny/independent_4/two"] == "indep resnet_tiny 4bit"
-    assert names["resnet_tiny/no_transitional_bn/one"] == "stage1 resnet_tiny no_transitional_bn"
+    assert names["resnet_tiny/no_transitional_bn/three"] == "stage3 resnet_tiny no_transitional_bn"
     assert all(len(n) <= 40 for n in names.values()), names
     trial = trial_config(plan.nodes["ebn_tiny/main/three"].config, 0.6667, 1, "linear", "sweep")
     assert trial.tracking.run_name == "stage3 ebn_tiny k0.667 ramp1 linear"
