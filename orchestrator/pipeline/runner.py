@@ -71,8 +71,8 @@ def execute_node(node: StageNode, upstream: list[StageOutcome], *, parent_run_id
             version = register_final_model(cfg.tracking.tracking_uri, name, outcome.run_id, architecture=node.arch,
                                            per_bit=per_bit_top1(outcome.metrics, list(cfg.model.bits_activations)))
             outcome.detail = f"{outcome.detail}; registered as {name} v{version}".lstrip("; ")
-        if final and pipeline.tracking.table6:
-            from orchestrator.pipeline.subnet_table import table6_figures
+        if final and pipeline.tracking.table6 and not any(k.startswith("subnets/") for k in outcome.metrics):
+            from orchestrator.pipeline.subnet_table import table6_figures  # once per model: a re-run finds them
             outcome.metrics.update(table6_figures(node.arch, outcome, cfg.data, tracking_uri=cfg.tracking.tracking_uri))
         if final and pipeline.tracking.analysis_plots:
             from orchestrator.pipeline.analysis import analyse_final_stage
