@@ -22,7 +22,7 @@ from torch import nn
 
 import bitmixer_core as core
 from orchestrator import atomic
-from orchestrator.tracking.credentials import redact_uri
+from orchestrator.tracking.credentials import redact_text, redact_uri
 
 MODEL_FILE = "model.pt"
 
@@ -91,12 +91,37 @@ def resolve_model_pt(uri: str, tracking_uri: str | None = None) -> Path:
                                     f"the previous stage (or its MLflow URI).")
         return path
     import mlflow
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
+    from mlflow.exceptions import MlflowException
+    try:
+        source = _registered_version_uri(uri, tracking_uri) if uri.startswith("models:/") and tracking_uri else uri
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri))
+    except MlflowException as err:
+        reason = str(err.message).strip().splitlines()[0] if str(err.message).strip() else type(err).__name__
+        raise FileNotFoundError(f"model {redact_uri(uri)!r} could not be downloaded ({redact_text(reason)}); "
+                                f"check the run id or model name and the tracking URI.") from None
     if local.is_dir():
         if not (local / MODEL_FILE).is_file():
             raise FileNotFoundError(f"{redact_uri(uri)!r} holds no {MODEL_FILE}; name the checkpoint file itself.")
         local = local / MODEL_FILE
     return local
+
+
+def _registered_version_uri(uri: str, tracking_uri: str) -> str:
+    """models:/<name>/<version>[/path] or models:/<name>@<alias>[/path] as the download URI of that version
+    in the registry of `tracking_uri` (MLflow itself would look in the process-wide registry)."""
+    from mlflow.tracking import MlflowClient
+    parts = uri[len("models:/"):].split("/")
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    if "@" in parts[0]:
+        name, alias = parts[0].split("@", 1)
+        version, rest = client.get_model_version_by_alias(name, alias).version, parts[1:]
+    elif len(parts) >= 2:
+        name, version, rest = parts[0], parts[1], parts[2:]
+    else:
+        raise ValueError(f"model reference {uri!r} names no version; write models:/<name>/<version> or "
+                         f"models:/<name>@<alias>.")
+    base = client.get_model_version_download_uri(name, version).rstrip("/")
+    return "/".join([base, *rest]) if rest else base
 
 
 def read_model_file(path: str | os.PathLike, shown: str | None = None) -> dict:

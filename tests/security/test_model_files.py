@@ -129,6 +129,32 @@ def test_mlflow_run_artifact_refuses_a_crafted_file(crafted, tmp_path):
     assert not marker.exists()
 
 
+def test_registered_model_refuses_a_crafted_file(crafted, tmp_path):
+    """models:/<name>/<version> of a version whose source holds the crafted model.pt: downloaded from the
+    registry of the given tracking URI, then refused."""
+    from mlflow.tracking import MlflowClient
+
+    path, marker = crafted
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.create_experiment("crafted", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    client.log_artifact(run_id, str(path), "model")
+    client.create_registered_model("crafted")
+    version = client.create_model_version("crafted", source=f"runs:/{run_id}/model", run_id=run_id).version
+    with pytest.raises(UnsafeModelFile, match=REFUSAL):
+        read_model_pt(f"models:/crafted/{version}", uri)
+    assert not marker.exists()
+
+
+def test_missing_mlflow_model_is_one_sentence(tmp_path):
+    """A models:/ or runs:/ reference that names nothing is a FileNotFoundError naming it (the CLIs print
+    it as one line), not an MLflow traceback."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(FileNotFoundError, match="models:/absent/1"):
+        read_model_pt("models:/absent/1", uri)
+
+
 @pytest.mark.integration
 def test_s3_object_refuses_a_crafted_file(crafted, tmp_path, monkeypatch):
     """s3://bucket/key (over HTTP on loopback, moto's server) is downloaded, then refused."""
