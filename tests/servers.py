@@ -167,10 +167,11 @@ class MLflowServer(_Server):
     """
 
     def __init__(self, workdir: str | os.PathLike | None = None, *, artifacts_destination: str | None = None,
-                 s3: MotoServer | None = None, timeout_s: float = 120.0, extra_env: dict | None = None):
+                 s3: MotoServer | None = None, timeout_s: float = 120.0, extra_env: dict | None = None,
+                 port: int | None = None):
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="mlflow-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = port or free_port()  # a port of its own; the same one to restart a server on its store
         self.uri = f"http://127.0.0.1:{self.port}"
         self.backend_store_uri = f"sqlite:///{self.workdir / 'mlflow.db'}"
         self.artifacts_destination = artifacts_destination or (self.workdir / "artifacts").as_uri()

@@ -1,0 +1,105 @@
+"""The MLflow server restarted mid-stage (stopped, then started again on the same store and port): the
+stage finishes, every epoch recorded once, the run FINISHED with its model.pt (MLflow's client retries a
+refused connection for minutes; a restart takes seconds).
+
+Real components: a local Ray, 2 Ray Train workers, DeepSpeed on gloo, FFCV on the embedded digits, two
+`mlflow server` processes one after the other on one sqlite store.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.engine.callbacks import StageCallback
+from tests.engine.callbacks import recorded
+from tests.servers import MLflowServer
+
+pytestmark = pytest.mark.integration
+EPOCHS = 3
+
+
+class PauseAfterFirstEpoch(StageCallback):
+    """Rank 0 waits after epoch 0's checkpoint is recorded until the test says `go`."""
+
+    def __init__(self, marker: str, go: str):
+        self.marker, self.go = marker, go
+
+    def after_report(self, worker, epoch):
+        if epoch != 0 or worker.rank != 0:
+            return
+        while not recorded(worker.run_dir, epoch):
+            time.sleep(0.2)
+        Path(self.marker).write_text("paused")
+        deadline = time.monotonic() + 300
+        while not Path(self.go).exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    import ray
+
+    from orchestrator.data.embedded import write_embedded_digits
+    tmp = tmp_path_factory.mktemp("mlflow-restart")
+    data = write_embedded_digits(tmp / "digits")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "bitmixer" / "torch_extensions"))
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        yield {"tmp": tmp, "data": str(data)}
+    finally:
+        ray.shutdown()
+
+
+def test_stage_outlives_a_tracking_server_restart(env):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.engine import StageConfig, run_stage
+    store = env["tmp"] / "mlflow"
+    server = MLflowServer(store)
+    restarted = None
+    try:
+        cfg = StageConfig.model_validate(dict(
+            name="mlflow-restart", model=dict(name="resnet_tiny", num_classes=10, stem="small"),
+            data=dict(path=env["data"], train_resolution=32, val_resolution=32, val_crop_ratio=1.0, batch_size=32,
+                      num_workers=1),
+            optim=dict(epochs=EPOCHS, warmup_epochs=0.5, lr_peak=5e-3), policy=dict(stage="one"),
+            scaling=dict(num_workers=2, cpus_per_worker=0.5), eval_every_epochs=1,
+            tracking=dict(tracking_uri=server.uri, experiment="mlflow-restart"),
+            storage_path=str(env["tmp"] / "ray")))
+        marker, go = env["tmp"] / "paused", env["tmp"] / "go"
+        box: dict = {}
+
+        def fit():
+            try:
+                box["result"] = run_stage(cfg, callbacks=[PauseAfterFirstEpoch(str(marker), str(go))])
+            except BaseException as err:  # noqa: BLE001 - checked below
+                box["error"] = err
+        thread = threading.Thread(target=fit, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 600
+        while not marker.exists():
+            assert thread.is_alive(), box.get("error")
+            assert time.monotonic() < deadline, "the stage never finished its first epoch"
+            time.sleep(0.5)
+        server.stop()
+        go.write_text("go")  # the next epoch's metrics are logged while the server is down
+        time.sleep(5)
+        restarted = MLflowServer(store, port=server.port)
+        thread.join(timeout=900)
+        assert not thread.is_alive() and "error" not in box, box.get("error")
+        result = box["result"]
+        client = MlflowClient(restarted.uri)
+        run = client.get_run(result.mlflow_run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["bitmixer.status"] == "FINISHED"
+        assert "model.pt" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        history = client.get_metric_history(run.info.run_id, "sys/epoch_time_s")
+        assert sorted(m.step for m in history) == list(range(EPOCHS))  # nothing lost, nothing twice
+        assert result.metrics["resumed_at_epoch"] == -1  # the workers never had to restart
+    finally:
+        (restarted or server).stop()
+        server.stop()
