@@ -142,14 +142,19 @@ def log_tables(client, run_id: str, tables: list[Table], work_dir: Path) -> None
 
 
 def _connect_ray(env_vars: dict[str, str]) -> bool:
-    """Connect to the cluster of the job (or RAY_ADDRESS); else start a local Ray. True if we started it."""
+    """Connect to the cluster of the job (or RAY_ADDRESS); else start a local Ray. True if we started it.
+
+    The workers' own output (epoch lines, Ray Train's controller) stays in Ray's log files and out of the
+    terminal, where the progress board says what runs; a failed stage's traceback still comes back with
+    its outcome."""
     import ray
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), runtime_env={"env_vars": env_vars})
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), runtime_env={"env_vars": env_vars},
+                 log_to_driver=False)
         return False
-    ray.init(runtime_env={"env_vars": env_vars}, include_dashboard=False)
+    ray.init(runtime_env={"env_vars": env_vars}, include_dashboard=False, log_to_driver=False)
     return True
 
 

@@ -23,6 +23,7 @@ class StageOutcome:
     config_hash: str | None = None
     error: str | None = None        # one line: why it failed, or which upstream stage blocked it
     detail: str = ""                # e.g. the sweep's trials, "resumed at epoch 3"
+    traceback: str = ""             # a failed stage's traceback, for the driver to show
 
     @property
     def ok(self) -> bool:

@@ -82,7 +82,7 @@ def execute_node(node: StageNode, upstream: list[StageOutcome], *, parent_run_id
     except Exception as err:  # the summary reports it; later stages of this chain are blocked
         message = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
         print(f"[pipeline] stage {node.key} failed:\n{traceback.format_exc()}", flush=True)
-        return StageOutcome(key=node.key, status=FAILED, error=message)
+        return StageOutcome(key=node.key, status=FAILED, error=message, traceback=traceback.format_exc())
 
 
 def run_plan(plan: Plan, pipeline: PipelineConfig, *, parent_run_id: str | None,
@@ -101,15 +101,55 @@ def run_plan(plan: Plan, pipeline: PipelineConfig, *, parent_run_id: str | None,
         refs[node.key] = stage_task.options(name=f"stage:{node.key}", **options).remote(node, *deps)
     outcomes: dict[str, StageOutcome] = {}
     pending = {ref: key for key, ref in refs.items()}
+    watch = _ProgressWatch(plan, pipeline.name)
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=PROGRESS_POLL_S)
+        if not done:
+            watch.poll()
+            continue
         key = pending.pop(done[0])
         try:
             outcome = ray.get(done[0])
         except Exception as err:  # the task itself died (its node was lost, ...)
             outcome = StageOutcome(key=key, status=FAILED, error=f"{type(err).__name__}: {err}".splitlines()[0])
         outcomes[key] = outcome
-        print(f"[pipeline] {key}: {outcome.status}"
-              + (f" - {outcome.error}" if outcome.error else f" ({outcome.detail})" if outcome.detail else ""),
-              flush=True)
+        if outcome.traceback:
+            print(f"[pipeline] stage {key} failed:\n{outcome.traceback}", flush=True)
+        watch.ended(key, outcome)
     return {key: outcomes[key] for key in refs}
+
+
+PROGRESS_POLL_S = 5.0  # how often the driver reads the running stages' epochs from the tracking store
+
+
+class _ProgressWatch:
+    """The progress board of a running plan, fed by the tracking store; a tracking error only pauses it."""
+
+    def __init__(self, plan: Plan, title: str):
+        import time
+
+        from orchestrator.pipeline.progress import ProgressBoard
+        self.board = ProgressBoard.for_plan(plan, title)
+        self.since_ms = int(time.time() * 1000) - 60_000  # a little slack for clocks between machines
+        first = next(iter(plan.nodes.values()))
+        self.tracking = first.config.tracking
+
+    def poll(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        from orchestrator.pipeline.progress import poll_running
+        try:
+            client = MlflowClient(tracking_uri=self.tracking.tracking_uri)
+            experiment = client.get_experiment_by_name(self.tracking.experiment)
+            if experiment is not None:
+                for key, state in poll_running(client, experiment.experiment_id, self.since_ms,
+                                               self.board.stages).items():
+                    self.board.running(key, **state)
+        except Exception as err:  # the report is a by-product: the stages go on
+            print(f"[pipeline] progress not read from MLflow: {type(err).__name__}", flush=True)
+        self.board.show()
+
+    def ended(self, key: str, outcome: StageOutcome) -> None:
+        note = outcome.error if outcome.error else outcome.detail
+        self.board.ended(key, outcome.status, note or "")
+        self.board.show()
