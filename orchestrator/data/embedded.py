@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from orchestrator import atomic
+
 from .beton import ensure_writable_folder, write_beton, write_json
 from .config import WriterConfig
 
@@ -97,6 +99,7 @@ def write_embedded_digits(out_dir: str | Path, *, page_size: int = 2 * 1024 * 10
         if _is_complete(out):  # another process finished it while we waited
             return out
         (out / MARKER).unlink(missing_ok=True)
+        atomic.remove_stale(out)  # what a killed writer left (`*.tmp-<pid>`)
         images, labels = digits_images()
         train, val = stratified_split(labels)
         # One worker: starting more processes costs more than writing 1,797 tiny images.

@@ -82,7 +82,7 @@ def test_learning_happened(stages):
     one, two, three = (stages[s].metrics for s in ("one", "two", "three"))
     print({s: {k: round(v, 1) for k, v in stages[s].metrics.items() if k.startswith(("val/top1", "val/rand_top1"))}
            for s in ("one", "two", "three")})
-    assert three["val_images"] == 359  # the digits' validation split, counted once over both ranks
+    assert three["val/images"] == 359  # the digits' validation split, counted once over both ranks
     assert one["val/top1_4bit"] > 30.0, one
     assert two["val/top1_4bit"] > 35.0, two
     assert max(three[f"val/top1_{b}bit"] for b in (2, 3, 4)) > 30.0, three
