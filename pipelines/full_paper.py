@@ -28,9 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="pipeline YAML (default: embedded.yaml)")
     parser.add_argument("--retrain", action="store_true",
                         help="train every stage again, even those MLflow holds as FINISHED with the same config")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the preset's whole DAG at toy size (digits at 32 px, 2 steps a stage, local CPU): "
+                             "proves a preset before a cluster pays for it")
     args = parser.parse_args(argv)
     try:
         cfg = load_pipeline_config(args.config)  # every key checked before anything starts
+        if args.smoke:
+            from orchestrator.pipeline.smoke import smoke_config
+            cfg = smoke_config(cfg)
     except PipelineConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

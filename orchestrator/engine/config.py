@@ -107,6 +107,8 @@ class OptimConfig(BaseModel):
     epochs: int = Field(160, gt=0, description="Epochs of this stage.")
     warmup_epochs: float = Field(10, ge=0, description="Epochs of linear warm-up from 0 to lr_peak.")
     lr_final: float = Field(0.0, ge=0, description="Learning rate at the last iteration of the cosine.")
+    max_steps_per_epoch: int | None = Field(None, gt=0, description="Stop each epoch after this many optimizer "
+                                            "steps (smoke runs of a preset); unset: the whole training set.")
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "OptimConfig":

@@ -36,6 +36,16 @@ def deepspeed_config(cfg: StageConfig, *, world_size: int, use_gpu: bool) -> dic
     return config
 
 
+def parameter_groups(net) -> list[dict]:
+    """The trainable parameters as optimizer groups: the learned (log) step sizes without weight decay
+    (decay would pull log alpha towards 0, alpha towards 1), everything else with the config's decay."""
+    import bitmixer_core as core
+    steps = [p for p in core.step_size_parameters(net) if p.requires_grad]
+    step_ids = {id(p) for p in steps}
+    others = [p for p in net.parameters() if p.requires_grad and id(p) not in step_ids]
+    return [group for group in ({"params": others}, {"params": steps, "weight_decay": 0.0}) if group["params"]]
+
+
 def align_buffers(module, dtype) -> None:
     """DeepSpeed's bf16 mode casts parameters only; BN running statistics stay fp32 and batch_norm then
     refuses the mix ("expected scalar type BFloat16 but found Float"). Cast floating buffers alike."""

@@ -116,16 +116,21 @@ class StageWorker:
     """One rank of one stage, in named steps: prepare the model, build the engine (with its loaders), then
     per epoch train, evaluate, checkpoint and report. Callbacks (tests) see the worker after each epoch."""
 
-    def __init__(self, cfg: StageConfig, *, run_id: str, run_dir: str | None = None, callbacks=()):
-        import ray.train
-
+    def __init__(self, cfg: StageConfig, *, run_id: str | None, run_dir: str | None = None, callbacks=(),
+                 rank: int | None = None, world_size: int | None = None):
+        """Inside Ray Train, rank and world size come from its context. Given explicitly (a process group
+        made by the caller, no Ray), the worker runs its steps up to evaluation: the presets' smoke test."""
         from orchestrator.tracking.stage_run import RunLogger
-        context = ray.train.get_context()
         self.cfg, self.run_dir, self.callbacks = cfg, run_dir, list(callbacks)
-        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        if rank is None:
+            import ray.train
+            context = ray.train.get_context()
+            self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+            self.resume = ray.train.get_checkpoint()  # Ray's last recorded checkpoint of this run, or None
+        else:
+            self.rank, self.world_size, self.resume = rank, world_size or 1, None
         self.device = _device(cfg.scaling.use_gpu)
-        self.logger = RunLogger(cfg.tracking.tracking_uri, run_id) if self.rank == 0 else None
-        self.resume = ray.train.get_checkpoint()  # Ray's last recorded checkpoint of this run, or None
+        self.logger = RunLogger(cfg.tracking.tracking_uri, run_id) if self.rank == 0 and run_id else None
         self.stage, self.bits = cfg.policy.stage, list(cfg.model.bits_activations)
         self.start_epoch, self.resumed_from, self.global_step = 0, -1, 0
 
@@ -150,25 +155,26 @@ class StageWorker:
                 core.get_stage(self.stage).start_from(net, core.get_stage(payload["stage"]))
         return net.to(self.device)
 
-    def build_engine(self, net) -> None:
-        """Loaders (this rank's shard), activation calibration, the DeepSpeed engine with its schedule, the
-        teacher and the sub-net sampler; then the resumed checkpoint, if any."""
+    def build_engine(self, net, loaders=None) -> None:
+        """Loaders (this rank's shard; `loaders` = (train, val) reuses built ones), activation calibration,
+        the DeepSpeed engine with its schedule, the teacher and the sub-net sampler; then the resumed
+        checkpoint, if any."""
         import deepspeed
 
         import bitmixer_core as core
         from orchestrator.data.loaders import build_loaders
-        from orchestrator.engine.deepspeed_config import align_buffers, deepspeed_config
+        from orchestrator.engine.deepspeed_config import align_buffers, deepspeed_config, parameter_groups
         from orchestrator.engine.schedule import warmup_cosine
         from orchestrator.engine.subnets import SubnetSampler
         cfg = self.cfg
-        self.train_loader, self.val_loader = build_loaders(cfg.data, rank=self.rank, world_size=self.world_size,
-                                                           device=self.device, distributed=self.world_size > 1)
+        self.train_loader, self.val_loader = loaders or build_loaders(
+            cfg.data, rank=self.rank, world_size=self.world_size, device=self.device, distributed=self.world_size > 1)
         self.holdout_loader = None
         if cfg.data.holdout_fraction > 0:  # a Stage III sweep trial: its objective reads this slice
             from orchestrator.data.loaders import build_val_loader
             self.holdout_loader = build_val_loader(cfg.data, rank=self.rank, world_size=self.world_size,
                                                    device=self.device, holdout=True)
-        self.steps_per_epoch = len(self.train_loader)
+        self.steps_per_epoch = min(len(self.train_loader), cfg.optim.max_steps_per_epoch or len(self.train_loader))
         total_steps = self.steps_per_epoch * cfg.optim.epochs
         warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
         if self.stage != "fp32" and self.resume is None and not _quantization_initialised(net):
@@ -177,7 +183,7 @@ class StageWorker:
 
         ds_config = deepspeed_config(cfg, world_size=self.world_size, use_gpu=cfg.scaling.use_gpu)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=net, model_parameters=[p for p in net.parameters() if p.requires_grad], config=ds_config,
+            model=net, model_parameters=parameter_groups(net), config=ds_config,
             lr_scheduler=lambda opt: warmup_cosine(opt, total_steps=total_steps, warmup_steps=warmup_steps,
                                                    lr_peak=cfg.optim.lr_peak, lr_final=cfg.optim.lr_final),
             dist_init_required=False)
@@ -199,6 +205,8 @@ class StageWorker:
         self.engine.train()
         loss_sum = torch.zeros(2, dtype=torch.float64)
         for i, (images, labels) in enumerate(self.train_loader):
+            if i == self.steps_per_epoch:  # max_steps_per_epoch
+                break
             step_loss, step_images = train_step(
                 self.engine, images, labels, sampler=self.sampler, global_step=self.global_step,
                 epoch=epoch + i / self.steps_per_epoch, accumulation=self.cfg.deepspeed.grad_accumulation,
