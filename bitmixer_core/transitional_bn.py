@@ -25,9 +25,29 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 MODES = ("transitional", "per_bit", "shared")
+
+
+class Float32BatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d that normalises in float32 whatever the input and parameter dtypes, and returns the
+    input's dtype. Mixed-precision engines (bf16) cast parameters only: the running statistics stay float32,
+    where a running average still moves by updates of 1e-4 (bf16 resolves about 0.4 % near 1 and stalls)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return super().forward(x)
+        factor = 0.0
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch = self.training or self.running_mean is None
+        out = F.batch_norm(x.float(), self.running_mean if not self.training or self.track_running_stats else None,
+                           self.running_var if not self.training or self.track_running_stats else None,
+                           self.weight.float(), self.bias.float(), use_batch, factor, self.eps)
+        return out.to(x.dtype)
 
 
 class TransitionalBatchNorm2d(nn.Module):
@@ -65,7 +85,7 @@ class TransitionalBatchNorm2d(nn.Module):
             lookup = {p: 0 for p in pairs}
         self.entry_keys = keys
         self._lookup = lookup
-        self.entries = nn.ModuleList(nn.BatchNorm2d(num_features, eps=eps, momentum=momentum) for _ in keys)
+        self.entries = nn.ModuleList(Float32BatchNorm2d(num_features, eps=eps, momentum=momentum) for _ in keys)
         # Start at the (max, max) pair.
         self._active = lookup[(self.previous_bits[-1], self.next_bits[-1])]
         # Wiring to the layers on each side (plain references, not sub-modules): see `wire`.

@@ -37,7 +37,7 @@ from torch import nn
 from ..bitwidths import BitWidths
 from ..layers import QConv2d, QLinear, QuantizedLayerMixin
 from ..quantizer import QuantizerOptions
-from ..transitional_bn import TransitionalBatchNorm2d
+from ..transitional_bn import Float32BatchNorm2d, TransitionalBatchNorm2d
 
 FIXED_INT8 = BitWidths.same((8,))
 BLOCK_ORDERS = ("bn_quantize_conv", "conv_bn_relu")
@@ -199,7 +199,7 @@ class ResNet(nn.Module):
             self.conv1 = QConv2d(3, spec.stem_width, k, s, k // 2, bits=FIXED_INT8, quantizer=quantizer,
                                  switchable=False)
         # With BN before every quantizer, the stem BN sees only the fixed first conv: one plain BN.
-        self.bn1 = (nn.BatchNorm2d(spec.stem_width) if norm_first or plain
+        self.bn1 = (nn.BatchNorm2d(spec.stem_width) if plain else Float32BatchNorm2d(spec.stem_width) if norm_first
                     else make.norm(spec.stem_width, previous_bits=(fixed_bits,)))
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1) if stem == "imagenet" else nn.Identity()

@@ -47,11 +47,11 @@ def parameter_groups(net) -> list[dict]:
 
 
 def align_buffers(module, dtype) -> None:
-    """DeepSpeed's bf16 mode casts parameters only; BN running statistics stay fp32 and batch_norm then
-    refuses the mix ("expected scalar type BFloat16 but found Float"). Cast floating buffers alike."""
+    """DeepSpeed's bf16 mode casts parameters only. BN running statistics stay float32 on purpose: the
+    core's BNs (Float32BatchNorm2d) normalise in float32 and return the input's dtype, and a bf16 running
+    average (about 0.4 % resolution) would stall. Any floating buffer that was cast is put back to float32."""
     import torch
-    if dtype == torch.float32:
-        return
+    del dtype  # every precision keeps float32 statistics
     for buffer in module.buffers():
-        if buffer.is_floating_point() and buffer.dtype != dtype:
-            buffer.data = buffer.data.to(dtype)
+        if buffer.is_floating_point() and buffer.dtype != torch.float32:
+            buffer.data = buffer.data.float()

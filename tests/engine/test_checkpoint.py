@@ -56,15 +56,30 @@ def test_missing_or_foreign_checkpoint_is_named(tmp_path):
         load_weights(MODEL.build(), str(tmp_path / "model.pt"), expect_model=MODEL.name)
 
 
-def test_align_buffers_casts_bn_statistics_for_bf16():
-    """After DeepSpeed casts parameters to bf16, BN running statistics must follow or batch_norm fails."""
+def test_bf16_engine_keeps_float32_bn_statistics_that_still_move():
+    """After DeepSpeed casts parameters to bf16, the BN running statistics stay float32 (align_buffers puts
+    back any that were cast) and the network still runs in bf16. A running variance of 1 fed batches of
+    variance ~1.002 moves by ~2e-4 a step: float32 keeps that, bf16 (resolution 2**-7 near 1) would not."""
     net = MODEL.build()
     for p in net.parameters():
         p.data = p.data.bfloat16()
+    for b in net.buffers():  # as if something had cast them too
+        if b.is_floating_point():
+            b.data = b.data.bfloat16()
     align_buffers(net, torch.bfloat16)
-    assert {b.dtype for b in net.buffers() if b.is_floating_point()} == {torch.bfloat16}
+    assert {b.dtype for b in net.buffers() if b.is_floating_point()} == {torch.float32}
     net.train()
     assert net(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    bn = net.layer1[0].bn2.active_entry
+    bn.reset_running_stats()
+    torch.manual_seed(0)
+    x = torch.randn(4096, bn.num_features, 1, 1)
+    x = (x - x.mean(0)) / x.std(0) * 1.001  # batch variance exactly 1.002001 per channel
+    for _ in range(10):
+        bn(x.bfloat16())
+    moved = bn.running_var - 1.0
+    assert bn.running_var.dtype == torch.float32
+    assert torch.all(moved > 5e-4) and torch.all(moved < 3e-3), moved  # 1 - 0.9**10 of ~0.002 (+ bf16 input)
 
 
 def test_per_bit_table_and_progress_line():
