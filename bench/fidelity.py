@@ -30,6 +30,8 @@ A claim is judged on the means over seeds; how many seeds pass on their own is p
 
     .venv/bin/python bench/fidelity.py                                  # bn_quantize_conv, seeds 0 1 2
     .venv/bin/python bench/fidelity.py --reading both --out results.json  # two processes, one per reading
+    .venv/bin/python bench/fidelity.py --reading both --jobs 6           # one process per reading and seed
+    .venv/bin/python bench/fidelity.py --report results.json             # the claims of a saved run again
     .venv/bin/python bench/fidelity.py --data /path/to/prepared/folder  # any pipelines/prepare_data.py folder
 
 The seed list is the CLI's (`--seeds`): the pipeline config has one `seed`.
@@ -527,25 +529,61 @@ def run_reading(args, reading: str) -> dict:
             "runs": runs, "wall_s": time.perf_counter() - started}
 
 
-def run_both(args) -> list[dict]:
-    """One child process per reading (each on one thread), their progress lines interleaved here."""
+def run_children(args, readings) -> list[dict]:
+    """Child processes (one thread each), at most `args.jobs` at a time: one per reading, or with --jobs
+    above the number of readings one per (reading, seed); their progress lines are interleaved here and
+    their figures merged per reading in seed order."""
     folder = Path(tempfile.mkdtemp(prefix="fidelity-"))
-    children = []
-    for reading in READINGS:
-        out = folder / f"{reading}.json"
-        command = [sys.executable, str(Path(__file__).resolve()), "--reading", reading, "--config", str(args.config),
-                   "--seeds", *map(str, args.seeds), "--out", str(out), "--quiet"]
-        if args.data:
-            command += ["--data", args.data]
-        if args.epochs is not None:
-            command += ["--epochs", str(args.epochs)]
-        children.append((reading, out, subprocess.Popen(command)))
+    per_seed = args.jobs > len(readings)
+    tasks = [(r, [s]) for r in readings for s in args.seeds] if per_seed else [(r, list(args.seeds)) for r in readings]
+    pending, running, done = list(tasks), [], {}
+    started = time.perf_counter()
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            reading, seeds = pending.pop(0)
+            out = folder / f"{reading}-{'-'.join(map(str, seeds))}.json"
+            command = [sys.executable, str(Path(__file__).resolve()), "--reading", reading, "--config",
+                       str(args.config), "--seeds", *map(str, seeds), "--out", str(out), "--quiet"]
+            if args.data:
+                command += ["--data", args.data]
+            if args.epochs is not None:
+                command += ["--epochs", str(args.epochs)]
+            running.append((reading, seeds, out, subprocess.Popen(command)))
+        time.sleep(1.0)
+        for task in [t for t in running if t[3].poll() is not None]:
+            running.remove(task)
+            reading, seeds, out, child = task
+            if child.returncode != 0:
+                for *_, other in running:
+                    other.terminate()
+                raise SystemExit(f"the {reading} run of seeds {seeds} failed (exit status {child.returncode}); "
+                                 f"see its output above")
+            done[(reading, tuple(seeds))] = json.loads(out.read_text())
     results = []
-    for reading, out, child in children:
-        if child.wait() != 0:
-            raise SystemExit(f"the {reading} run failed (exit status {child.returncode}); see its output above")
-        results.append(json.loads(out.read_text()))
+    for reading in readings:
+        parts = [done[(r, tuple(seeds))] for r, seeds in tasks if r == reading]
+        merged = dict(parts[0])
+        merged["runs"] = [run for part in parts for run in part["runs"]]
+        merged["seeds"] = [s for part in parts for s in part["seeds"]]
+        merged["wall_s"] = time.perf_counter() - started
+        merged["process_wall_s"] = [part["wall_s"] for part in parts]
+        results.append(merged)
     return results
+
+
+def merge_saved(paths: list[str]) -> list[dict]:
+    """Results written by --out (one reading, or a list), merged per reading: report them again."""
+    by_reading: dict[str, dict] = {}
+    for path in paths:
+        loaded = json.loads(Path(path).read_text())
+        for result in loaded if isinstance(loaded, list) else [loaded]:
+            if result["reading"] not in by_reading:
+                by_reading[result["reading"]] = dict(result)
+            else:
+                merged = by_reading[result["reading"]]
+                merged["runs"] = merged["runs"] + result["runs"]
+                merged["seeds"] = merged["seeds"] + result["seeds"]
+    return list(by_reading.values())
 
 
 def report(result: dict) -> tuple[str, list[Claim]]:
@@ -555,6 +593,20 @@ def report(result: dict) -> tuple[str, list[Claim]]:
             f"{result['epochs']['one']}/{result['epochs']['two']}/{result['epochs']['three']}, "
             f"{result['wall_s'] / 60:.1f} min, data {result['data']} ({result['num_classes']} classes)")
     return head + "\n" + "\n".join(c.line() for c in claims), claims
+
+
+def markdown(results: list[dict]) -> str:
+    """The claims of every reading as one Markdown table (docs/benchmarks.md, "Fidelity")."""
+    judged = [(r, check_claims(r["runs"], bits=r["bits"], num_classes=r["num_classes"],
+                               independent_bits=r["independent_bits"])) for r in results]
+    lines = ["| claim | " + " | ".join(f"{r['reading']} (mean ± std, {len(r['runs'])} seeds)" for r, _ in judged)
+             + " | paper (ImageNet, ResNet-18) |", "|---" * (len(judged) + 2) + "|"]
+    for i, claim in enumerate(judged[0][1]):
+        cells = [f"**{'PASS' if c[i].passed else 'FAIL'}** ({c[i].seeds_passed}/{c[i].seeds} seeds): "
+                 + c[i].ours.replace("\n", "<br>").replace("            ", "") + (f"<br>{c[i].note}" if c[i].note else "")
+                 for _, c in judged]
+        lines.append(f"| ({claim.key}) {claim.text} | " + " | ".join(cells) + f" | {claim.paper} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -569,15 +621,28 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=None,
                         help="override every stage's epochs (a quick check of the path only; no claim holds)")
     parser.add_argument("--out", default=None, help="write every figure (per seed, per epoch losses) as JSON")
-    parser.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)  # child of --reading both
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="child processes at a time (default: 1 for one reading, in this process; 2 for both, "
+                             "one per reading); more than the readings gives one process per (reading, seed)")
+    parser.add_argument("--report", nargs="+", default=None, metavar="JSON",
+                        help="print the claims of results saved with --out (no training)")
+    parser.add_argument("--markdown", action="store_true", help="also print the claims as one Markdown table")
+    parser.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)  # a child process
     args = parser.parse_args(argv)
     if args.data is not None and not Path(args.data).is_dir():
         parser.error(f"--data {args.data} is not a folder; pass a folder made by pipelines/prepare_data.py")
 
     started = time.perf_counter()
-    results = run_both(args) if args.reading == "both" else [run_reading(args, args.reading)]
+    readings = list(READINGS) if args.reading == "both" else [args.reading]
+    args.jobs = args.jobs or len(readings)
+    if args.report:
+        results = merge_saved(args.report)
+    elif args.jobs == 1 and len(readings) == 1:
+        results = [run_reading(args, args.reading)]
+    else:
+        results = run_children(args, readings)
     if args.out:
-        Path(args.out).write_text(json.dumps(results if args.reading == "both" else results[0], indent=1))
+        Path(args.out).write_text(json.dumps(results if len(results) > 1 else results[0], indent=1))
     if args.quiet:
         return 0
     passed = {}
@@ -585,6 +650,8 @@ def main(argv=None) -> int:
         text, claims = report(result)
         print("\n" + text, flush=True)
         passed[result["reading"]] = sum(c.passed for c in claims)
+    if args.markdown:
+        print("\n" + markdown(results), flush=True)
     if len(results) > 1:
         print("\nclaims passed: " + ", ".join(f"{r} {n}/6" for r, n in passed.items())
               + f"; total wall time {(time.perf_counter() - started) / 60:.1f} min")
