@@ -55,6 +55,21 @@ def _fetch_model_pt(checkpoint, destination: Path) -> Path:
         return atomic.copy_file(src, destination)
 
 
+class StorageFull(OSError):
+    """The checkpoint storage (or a worker's temporary folder) ran out of space."""
+
+
+def _raise_clearly(cfg: StageConfig, error: BaseException, storage: str) -> None:
+    """Re-raise a training error; a full disk (seen only as text once Ray has carried it across
+    processes) becomes one sentence that says what to do."""
+    if "No space left on device" in str(error) or "[Errno 28]" in str(error):
+        raise StorageFull(f"stage {cfg.name} stopped: a disk ran out of space (No space left on device) while an "
+                          f"epoch's checkpoint was written to {storage} or a worker's temporary folder; free "
+                          f"space or set storage_path to a larger volume, then run again: the stage resumes "
+                          f"from its last recorded checkpoint, which is intact.") from error
+    raise error
+
+
 def run_stage(cfg: StageConfig, *, retrain: bool = False, callbacks: Sequence[StageCallback] = ()) -> StageResult:
     """Train one stage to its end, resuming from Ray's last checkpoint of the same config (after a worker
     failure, or a re-run after the driver was stopped); `retrain` starts from epoch 0 under a Ray run
@@ -95,9 +110,13 @@ def run_stage(cfg: StageConfig, *, retrain: bool = False, callbacks: Sequence[St
                 failure_config=FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
         )
-        result = trainer.fit()
-        if result.error is not None:
-            raise result.error
+        try:
+            result = trainer.fit()
+            error = result.error
+        except Exception as err:  # Ray Train V2 raises what the workers raised, wrapped
+            error = err
+        if error is not None:
+            _raise_clearly(cfg, error, storage)
         checkpoint = result.checkpoint
         # Beside Ray's checkpoints when they are local; under ./runs when they live in S3.
         local_dir = Path(storage) / ray_run_name if "://" not in storage else Path.cwd() / "runs" / ray_run_name

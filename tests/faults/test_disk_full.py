@@ -1,0 +1,131 @@
+"""The disk filling during a checkpoint: the stage stops with one sentence saying what to do, the run ends
+FAILED, the last good checkpoint is intact, and once there is room again the re-run resumes from it.
+
+Ray's checkpoint storage is a small tmpfs mounted for the test (it needs the right to mount; skipped
+where there is none); after epoch 0 is recorded a filler file takes the rest of it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.engine.callbacks import StageCallback
+from tests.engine.callbacks import recorded
+from tests.servers import MLflowServer
+
+pytestmark = pytest.mark.integration
+EPOCHS = 3
+
+
+class PauseAfterFirstEpoch(StageCallback):
+    def __init__(self, marker: str, go: str):
+        self.marker, self.go = marker, go
+
+    def after_report(self, worker, epoch):
+        if epoch != 0 or worker.rank != 0 or Path(self.marker).exists():
+            return
+        while not recorded(worker.run_dir, epoch):
+            time.sleep(0.2)
+        Path(self.marker).write_text("paused")
+        deadline = time.monotonic() + 300
+        while not Path(self.go).exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    import ray
+
+    from orchestrator.data.embedded import write_embedded_digits
+    tmp = tmp_path_factory.mktemp("disk-full")
+    store = tmp / "store"
+    store.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(store)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.decode().strip()})")
+    data = write_embedded_digits(tmp / "digits")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "bitmixer" / "torch_extensions"))
+    try:
+        with MLflowServer(tmp / "mlflow") as server:
+            ray.init(address="local", num_cpus=2, include_dashboard=False)
+            try:
+                yield {"tmp": tmp, "store": store, "data": str(data), "mlflow": server}
+            finally:
+                ray.shutdown()
+    finally:
+        subprocess.run(["umount", "-l", str(store)], check=False)
+
+
+def _fill(folder: Path) -> Path:
+    """Take every free byte of the file system of `folder`."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_full_disk_during_a_checkpoint(env):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.engine import StageConfig, run_stage
+    from orchestrator.engine.stage import StorageFull
+    cfg = StageConfig.model_validate(dict(
+        name="disk-full", model=dict(name="resnet_tiny", num_classes=10, stem="small"),
+        data=dict(path=env["data"], train_resolution=32, val_resolution=32, val_crop_ratio=1.0, batch_size=32,
+                  num_workers=1),
+        optim=dict(epochs=EPOCHS, warmup_epochs=0.5, lr_peak=5e-3), policy=dict(stage="one"),
+        scaling=dict(num_workers=2, cpus_per_worker=0.5), eval_every_epochs=EPOCHS, max_failures=1,
+        tracking=dict(tracking_uri=env["mlflow"].uri, experiment="disk-full"), storage_path=str(env["store"])))
+    marker, go = env["tmp"] / "paused", env["tmp"] / "go"
+    box: dict = {}
+
+    def fit():
+        try:
+            box["result"] = run_stage(cfg, callbacks=[PauseAfterFirstEpoch(str(marker), str(go))])
+        except BaseException as err:  # noqa: BLE001 - checked below
+            box["error"] = err
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 600
+    while not marker.exists():
+        assert thread.is_alive(), box.get("error")
+        assert time.monotonic() < deadline, "the stage never finished its first epoch"
+        time.sleep(0.5)
+    checkpoints = sorted(p for p in env["store"].rglob("checkpoint_*") if p.is_dir())
+    assert len(checkpoints) == 1
+    good = {p.relative_to(checkpoints[0]): p.read_bytes() for p in checkpoints[0].rglob("*") if p.is_file()}
+    filler = _fill(env["store"])
+    go.write_text("go")
+    thread.join(timeout=900)
+    assert not thread.is_alive()
+
+    error = box.get("error")
+    assert isinstance(error, StorageFull), repr(error)[:3000]
+    assert str(error).startswith("stage disk-full stopped: a disk ran out of space (No space left on device)")
+    assert "the stage resumes from its last recorded checkpoint, which is intact" in str(error)
+    client = MlflowClient(env["mlflow"].uri)
+    exp = client.get_experiment_by_name("disk-full")
+    (failed,) = client.search_runs([exp.experiment_id])
+    assert failed.info.status == "FAILED"
+    assert {p.relative_to(checkpoints[0]): p.read_bytes()
+            for p in checkpoints[0].rglob("*") if p.is_file()} == good  # the last good checkpoint, intact
+
+    filler.unlink()  # room again: the re-run resumes from epoch 1 and finishes
+    result = run_stage(cfg)
+    assert result.metrics["resumed_at_epoch"] == 1 and result.metrics["epoch"] == EPOCHS - 1
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and "model.pt" in {a.path for a in client.list_artifacts(run.info.run_id)}
