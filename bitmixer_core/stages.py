@@ -35,6 +35,7 @@ class Stage:
     quantize_weights: bool
     quantize_activations: bool
     subnets: str  # one of SUBNET_DRAWS
+    short: str = ""  # in run and metric names ("stage3 resnet18", "resnet18/stage3/top1_2bit")
 
     def set_precision(self, model: nn.Module) -> None:
         """Switch every quantized layer to what this stage quantizes."""
@@ -68,11 +69,15 @@ class Stage:
         return done
 
 
-FP32 = Stage("fp32", "FP32 teacher", quantize_weights=False, quantize_activations=False, subnets="none")
-STAGE_ONE = Stage("one", "Stage I", quantize_weights=False, quantize_activations=True, subnets="uniform")
-STAGE_TWO = Stage("two", "Stage II", quantize_weights=True, quantize_activations=True, subnets="uniform")
-STAGE_THREE = Stage("three", "Stage III", quantize_weights=True, quantize_activations=True, subnets="mixed")
-INDEPENDENT = Stage("independent", "Independent", quantize_weights=True, quantize_activations=True, subnets="fixed")
+FP32 = Stage("fp32", "FP32 teacher", quantize_weights=False, quantize_activations=False, subnets="none", short="fp32")
+STAGE_ONE = Stage("one", "Stage I", quantize_weights=False, quantize_activations=True, subnets="uniform",
+                  short="stage1")
+STAGE_TWO = Stage("two", "Stage II", quantize_weights=True, quantize_activations=True, subnets="uniform",
+                  short="stage2")
+STAGE_THREE = Stage("three", "Stage III", quantize_weights=True, quantize_activations=True, subnets="mixed",
+                    short="stage3")
+INDEPENDENT = Stage("independent", "Independent", quantize_weights=True, quantize_activations=True,
+                    subnets="fixed", short="indep")
 
 STAGES: dict[str, Stage] = {s.key: s for s in (FP32, STAGE_ONE, STAGE_TWO, STAGE_THREE, INDEPENDENT)}
 

@@ -17,15 +17,15 @@ import torch
 ARTIFACT_DIR = "analysis"
 MAX_BATCHES = 2          # enough for the variance plots and a short power iteration; keeps it cheap
 MAX_IMAGES = 64          # per batch: the Hessian power iteration costs one double-backward per image batch
-STAGE_TITLES = {"fp32": "FP32", "one": "Stage I", "two": "Stage II", "three": "Stage III",
-                "independent": "Independent"}
 
 
 def caption(run) -> str:
     """What a figure is of: "<architecture>, <stage>, run <name> (<id>)", from the run's tags and name."""
     from orchestrator.tracking.stage_run import TAG_ARCHITECTURE, TAG_STAGE
     tags = run.data.tags
-    parts = [tags.get(TAG_ARCHITECTURE), STAGE_TITLES.get(tags.get(TAG_STAGE, ""), tags.get(TAG_STAGE)),
+    from bitmixer_core import STAGES
+    stage = tags.get(TAG_STAGE, "")
+    parts = [tags.get(TAG_ARCHITECTURE), STAGES[stage].title if stage in STAGES else stage,
              f"run {run.info.run_name} ({run.info.run_id[:8]})" if run.info.run_name else f"run {run.info.run_id[:8]}"]
     return ", ".join(p for p in parts if p)
 

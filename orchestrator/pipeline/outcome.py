@@ -43,9 +43,6 @@ def per_bit_top1(metrics: dict, bits: list[int]) -> dict[str, float]:
     return out
 
 
-STAGE_NAMES = {"two": "stage2", "three": "stage3"}
-
-
 def headline_metrics(per_bit: dict[tuple[str, str, str], dict[str, float]]) -> dict[str, float]:
     """The pipeline run's comparison figures, named architecture / stage / bit-width: from the tables'
     (architecture, variant, stage) -> bit key -> top-1, e.g. `resnet18/stage3/top1_2bit`,
@@ -58,7 +55,8 @@ def headline_metrics(per_bit: dict[tuple[str, str, str], dict[str, float]]) -> d
             if bits in figures:
                 out[f"{arch}/indep/top1_{bits}bit"] = float(figures[bits])
             continue
-        stage_name = STAGE_NAMES.get(stage, stage)
+        from orchestrator.pipeline.plan import stage_short
+        stage_name = stage_short(stage)
         prefix = f"{arch}/{stage_name}" if variant == "main" else f"{arch}/{variant}/{stage_name}"
         for key, value in figures.items():
             name = f"{prefix}/rand" if key == "rand" else f"{prefix}/top1_{key}bit"

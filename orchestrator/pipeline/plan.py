@@ -28,8 +28,14 @@ from orchestrator.pipeline.config import (ArchitectureSpec, PipelineConfig, Pipe
                                           StageThreeSpec, format_location)
 from orchestrator.tracking.config import TrackingConfig
 
-STAGE_POLICY = {"zero": "fp32", "one": "one", "two": "two", "three": "three"}
-RUN_STAGE_NAMES = {"zero": "fp32", "one": "stage1", "two": "stage2", "three": "stage3"}
+# The YAML's stage sections (zero = the optional FP32 teacher) -> the core's Stage keys (bitmixer_core.STAGES).
+SECTION_STAGE = {"zero": "fp32", "one": "one", "two": "two", "three": "three"}
+
+
+def stage_short(section: str) -> str:
+    """The short name of a stage section in run and metric names (core Stage.short): "three" -> "stage3"."""
+    from bitmixer_core import get_stage
+    return get_stage(SECTION_STAGE.get(section, section)).short
 
 
 def run_name(stage: str, arch: str, variant: str) -> str:
@@ -37,7 +43,7 @@ def run_name(stage: str, arch: str, variant: str) -> str:
     ("stage3 resnet18", "stage3 resnet18 no_transitional_bn", "indep resnet18 4bit")."""
     if variant.startswith("independent_"):
         return f"indep {arch} {variant.removeprefix('independent_')}bit"
-    return " ".join([RUN_STAGE_NAMES[stage], arch] + ([] if variant == "main" else [variant]))
+    return " ".join([stage_short(stage), arch] + ([] if variant == "main" else [variant]))
 
 
 @dataclass(frozen=True)
@@ -118,7 +124,7 @@ class _Builder:
         previous = start_after
         for stage in stages:
             spec: StageSpec = getattr(arch.stages, stage)
-            policy = PolicyConfig(stage=STAGE_POLICY[stage])
+            policy = PolicyConfig(stage=SECTION_STAGE[stage])
             if isinstance(spec, StageThreeSpec):
                 policy = PolicyConfig(stage="three", k=spec.k, ramp_epochs=spec.ramp_epochs,
                                       ramp_shape=spec.ramp_shape, granularity=spec.granularity)
