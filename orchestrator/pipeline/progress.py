@@ -48,11 +48,12 @@ class StageState:
         return (self.ended or now) - self.started
 
     def left(self, now: float) -> float | None:
-        """Estimate for a running stage: the epochs to go at the pace of those done."""
+        """Estimate for a running stage: the epochs to go at the pace of those done (their own time, without
+        the stage's start-up)."""
         if self.status != RUNNING or self.epochs_done == 0:
             return None
-        per_epoch = (self.elapsed(now) or 0.0) / self.epochs_done
-        return per_epoch * max(self.epochs - self.epochs_done, 0)
+        spent = self.epoch_seconds if self.epoch_seconds > 0 else (self.elapsed(now) or 0.0)
+        return spent / self.epochs_done * max(self.epochs - self.epochs_done, 0)
 
 
 @dataclass
@@ -99,20 +100,21 @@ class ProgressBoard:
 
     # -- estimates ---------------------------------------------------------------------------------------
     def left(self) -> float | None:
-        """What is left of the whole pipeline: running stages at their pace, waiting ones at the mean time
-        per epoch of the stages timed so far, shared among as many stages as run at once now."""
+        """What is left of the whole pipeline: running stages at their own pace; a waiting stage as long, per
+        epoch, as the finished stages took with their start-up (or, before one finished, as the running ones
+        take so far), shared among as many stages as run at once now."""
         now = self.clock()
-        timed = [s.elapsed(now) / s.epochs for s in self.stages.values()
-                 if s.ended is not None and s.status == "finished" and s.epochs]
-        timed += [s.elapsed(now) / s.epochs_done for s in self.stages.values()
-                  if s.status == RUNNING and s.epochs_done]
-        waiting = [s for s in self.stages.values() if s.status == WAITING]
-        running = [s for s in self.stages.values() if s.status == RUNNING]
-        if not timed and (waiting or running):
+        stages = list(self.stages.values())
+        per_epoch = [s.elapsed(now) / s.epochs for s in stages if s.status == "finished" and s.ended and s.epochs]
+        if not per_epoch:
+            per_epoch = [s.elapsed(now) / s.epochs_done for s in stages if s.status == RUNNING and s.epochs_done]
+        waiting = [s for s in stages if s.status == WAITING]
+        running = [s for s in stages if s.status == RUNNING]
+        if not per_epoch and (waiting or running):
             return None
-        per_epoch = statistics.fmean(timed) if timed else 0.0
-        running_left = [s.left(now) if s.left(now) is not None else per_epoch * s.epochs for s in running]
-        queued = sum(per_epoch * s.epochs for s in waiting) / max(len(running), 1)
+        pace = statistics.fmean(per_epoch) if per_epoch else 0.0
+        running_left = [s.left(now) if s.left(now) is not None else pace * s.epochs for s in running]
+        queued = sum(pace * s.epochs for s in waiting) / max(len(running), 1)
         return max(running_left, default=0.0) + queued
 
     # -- rendering ---------------------------------------------------------------------------------------

@@ -36,6 +36,9 @@ def test_running_stage_shows_epoch_elapsed_and_estimate():
     assert line.split() == ["running", "stage1", "r", "epoch", "2/4", "20s", "~20s", "left"]
     assert "0/3 done, 1 running, 2 waiting; 20s elapsed, ~" in board.headline()
     assert board.left() == pytest.approx(20 + 2 * 4 * 10)  # the rest of stage 1, then 2 stages of 4 x 10 s
+    # Once the epochs' own time is known, the stage's start-up no longer counts in its pace.
+    board.running("r/main/one", started=clock.now - 20, epochs_done=2, epoch_seconds=8.0)
+    assert board.stages["r/main/one"].left(clock.now) == pytest.approx(8.0)
     clock.now += 20
     board.ended("r/main/one", "finished", "")
     assert "1/3 done, 0 running, 2 waiting" in board.headline()
