@@ -34,7 +34,7 @@ A claim is judged on the means over seeds; how many seeds pass on their own is p
     .venv/bin/python bench/fidelity.py --report results.json             # the claims of a saved run again
     .venv/bin/python bench/fidelity.py --data /path/to/prepared/folder  # any pipelines/prepare_data.py folder
 
-The seed list is the CLI's (`--seeds`): the pipeline config has one `seed`.
+The seeds are the preset's `seeds` (fidelity.yaml: 0, 1, 2) unless `--seeds` names others.
 """
 from __future__ import annotations
 
@@ -56,7 +56,6 @@ if str(REPO) not in sys.path:
 
 READINGS = ("bn_quantize_conv", "conv_bn_relu")
 DEFAULT_CONFIG = REPO / "pipelines" / "configs" / "fidelity.yaml"
-DEFAULT_SEEDS = (0, 1, 2)
 AVERAGE_BITS = (2.5, 3.0, 3.5)
 TOP_K = 3
 RANDOM_PER_BUDGET = 8
@@ -615,7 +614,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="pipeline preset (default: fidelity.yaml)")
     parser.add_argument("--reading", choices=(*READINGS, "both"), default="bn_quantize_conv",
                         help="block order of the quantized ResNet (both: one process each)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="run seeds (default: the preset's `seeds`, else its `seed`)")
     parser.add_argument("--data", default=None, help="a data folder made by pipelines/prepare_data.py "
                                                      "(default: the preset's data)")
     parser.add_argument("--epochs", type=int, default=None,
@@ -632,6 +632,10 @@ def main(argv=None) -> int:
     if args.data is not None and not Path(args.data).is_dir():
         parser.error(f"--data {args.data} is not a folder; pass a folder made by pipelines/prepare_data.py")
 
+    if args.seeds is None and not args.report:
+        from orchestrator.pipeline.config import load_pipeline_config
+        cfg = load_pipeline_config(args.config)
+        args.seeds = list(cfg.seeds or [cfg.seed])
     started = time.perf_counter()
     readings = list(READINGS) if args.reading == "both" else [args.reading]
     args.jobs = args.jobs or len(readings)
