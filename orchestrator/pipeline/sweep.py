@@ -236,8 +236,8 @@ def register_final_model(tracking_uri: str, name: str, run_id: str, *, architect
     try:
         client.get_registered_model(name)
     except Exception:
-        client.create_registered_model(name, description="Bit-Mixer meta-network (best Stage III trial): one set "
-                                                         "of weights, every layer switchable to any bit-width.")
+        client.create_registered_model(name, description="Bit-Mixer meta-network (the final Stage III model): one "
+                                                         "set of weights, every layer switchable to any bit-width.")
     for version in client.search_model_versions(f"name = '{name}'"):
         if version.run_id == run_id:
             return version.version
@@ -246,7 +246,7 @@ def register_final_model(tracking_uri: str, name: str, run_id: str, *, architect
     if architecture:
         tags["architecture"] = architecture
     figures = ", ".join(f"{'Rand.' if k == 'rand' else k + ' bits'} {v:.1f}" for k, v in per_bit.items())
-    description = (f"Bit-Mixer {architecture} meta-network, Stage III (best sweep trial, run {run_id}). "
+    description = (f"Bit-Mixer {architecture} meta-network, final Stage III model (run {run_id}). "
                    f"Validation top-1 (%): {figures or 'not recorded'}. Load model.pt with "
                    f"orchestrator.engine.checkpoint.load_model; switch bits with bitmixer_core.set_bits.")
     source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/model.pt"
