@@ -146,6 +146,10 @@ class ProgressBoard:
             parts.append(stage.note)
         return "  ".join(parts).rstrip()
 
+    def release(self) -> None:
+        """Something else is printed now: the next board starts below it instead of drawing over it."""
+        self._drawn = 0
+
     def lines(self) -> list[str]:
         return [self.headline(), *(self.stage_line(s) for s in self.stages.values())]
 

@@ -113,8 +113,6 @@ def run_plan(plan: Plan, pipeline: PipelineConfig, *, parent_run_id: str | None,
         except Exception as err:  # the task itself died (its node was lost, ...)
             outcome = StageOutcome(key=key, status=FAILED, error=f"{type(err).__name__}: {err}".splitlines()[0])
         outcomes[key] = outcome
-        if outcome.traceback:
-            print(f"[pipeline] stage {key} failed:\n{outcome.traceback}", flush=True)
         watch.ended(key, outcome)
     return {key: outcomes[key] for key in refs}
 
@@ -150,6 +148,9 @@ class _ProgressWatch:
         self.board.show()
 
     def ended(self, key: str, outcome: StageOutcome) -> None:
+        if outcome.traceback:
+            self.board.release()
+            print(f"[pipeline] stage {key} failed:\n{outcome.traceback}", flush=True)
         note = outcome.error if outcome.error else outcome.detail
         self.board.ended(key, outcome.status, note or "")
         self.board.show()
