@@ -3,6 +3,7 @@ whose workers run `worker.train_loop_per_worker`, fetch the consolidated model.p
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -59,6 +60,10 @@ class StorageFull(OSError):
     """The checkpoint storage (or a worker's temporary folder) ran out of space."""
 
 
+class StorageUnreachable(ConnectionError):
+    """The remote checkpoint storage (S3, GCS) stopped answering."""
+
+
 def _raise_clearly(cfg: StageConfig, error: BaseException, storage: str) -> None:
     """Re-raise a training error; a full disk (seen only as text once Ray has carried it across
     processes) becomes one sentence that says what to do."""
@@ -67,6 +72,11 @@ def _raise_clearly(cfg: StageConfig, error: BaseException, storage: str) -> None
                           f"epoch's checkpoint was written to {storage} or a worker's temporary folder; free "
                           f"space or set storage_path to a larger volume, then run again: the stage resumes "
                           f"from its last recorded checkpoint, which is intact.") from error
+    remote = re.search(r"AWS Error [A-Z_]+|GCS Error [A-Za-z_]+", str(error))
+    if "://" in storage and remote:
+        raise StorageUnreachable(f"stage {cfg.name} stopped: its checkpoint storage {storage} did not answer "
+                                 f"({remote.group(0)}); make sure it is reachable from every node, then run "
+                                 f"again: the stage resumes from its last checkpoint recorded there.") from error
     raise error
 
 

@@ -20,7 +20,7 @@ from orchestrator.engine.callbacks import StageCallback
 from tests.engine.callbacks import recorded
 from tests.servers import MLflowServer
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
 EPOCHS = 3
 
 

@@ -1,0 +1,125 @@
+"""S3 going away mid-stage (the checkpoint storage stops answering: moto's server is paused with SIGSTOP,
+so what it holds survives): the stage fails with a clear error and its run ends FAILED; once S3 is back,
+the re-run resumes from the last checkpoint it recorded there, not from epoch 0.
+
+Real components: moto's S3 server on loopback as Ray Train's storage (s3://), a local Ray, 2 Ray Train
+workers, DeepSpeed on gloo, FFCV on the embedded digits, an `mlflow server` process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.engine.callbacks import StageCallback
+from tests.servers import MLflowServer, MotoServer
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+EPOCHS = 2
+BUCKET = "checkpoints"
+
+
+def recorded_in_s3(run_name: str, epoch: int) -> bool:
+    import boto3
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    try:
+        body = s3.get_object(Bucket=BUCKET, Key=f"ray/{run_name}/checkpoint_manager_snapshot.json")["Body"].read()
+    except Exception:  # noqa: BLE001 - not there yet
+        return False
+    results = json.loads(body).get("checkpoint_results", [])
+    return any(r.get("metrics", {}).get("epoch") == epoch for r in results)
+
+
+class PauseAfterFirstEpoch(StageCallback):
+    def __init__(self, marker: str, go: str):
+        self.marker, self.go = marker, go
+
+    def after_report(self, worker, epoch):
+        import ray.train
+        if epoch != 0 or worker.rank != 0 or Path(self.marker).exists():
+            return
+        while not recorded_in_s3(ray.train.get_context().get_experiment_name(), epoch):
+            time.sleep(0.5)
+        Path(self.marker).write_text("paused")
+        deadline = time.monotonic() + 300
+        while not Path(self.go).exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    import ray
+
+    from orchestrator.data.embedded import write_embedded_digits
+    tmp = tmp_path_factory.mktemp("s3-outage")
+    data = write_embedded_digits(tmp / "digits")
+    with MotoServer(tmp / "moto") as s3, MLflowServer(tmp / "mlflow") as server:
+        s3.create_bucket(BUCKET)
+        saved = {k: os.environ.get(k) for k in s3.env}
+        os.environ.update(s3.env)  # the driver and the workers Ray starts below reach S3 through these
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "bitmixer" / "torch_extensions"))
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
+        try:
+            yield {"tmp": tmp, "data": str(data), "mlflow": server, "s3": s3}
+        finally:
+            ray.shutdown()
+            os.kill(s3.proc.pid, signal.SIGCONT)
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def test_s3_outage_fails_clearly_and_the_rerun_resumes(env):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.engine import StageConfig, run_stage
+    from orchestrator.engine.stage import StorageUnreachable
+    cfg = StageConfig.model_validate(dict(
+        name="s3-outage", model=dict(name="resnet_tiny", num_classes=10, stem="small"),
+        data=dict(path=env["data"], train_resolution=32, val_resolution=32, val_crop_ratio=1.0, batch_size=32,
+                  num_workers=1),
+        optim=dict(epochs=EPOCHS, warmup_epochs=0.5, lr_peak=5e-3), policy=dict(stage="one"),
+        scaling=dict(num_workers=2, cpus_per_worker=0.5), eval_every_epochs=EPOCHS, max_failures=0,
+        tracking=dict(tracking_uri=env["mlflow"].uri, experiment="s3-outage"), storage_path=f"s3://{BUCKET}/ray"))
+    marker, go = env["tmp"] / "paused", env["tmp"] / "go"
+    box: dict = {}
+
+    def fit():
+        try:
+            box["result"] = run_stage(cfg, callbacks=[PauseAfterFirstEpoch(str(marker), str(go))])
+        except BaseException as err:  # noqa: BLE001 - checked below
+            box["error"] = err
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 600
+    while not marker.exists():
+        assert thread.is_alive(), box.get("error")
+        assert time.monotonic() < deadline, "the stage never finished its first epoch"
+        time.sleep(0.5)
+    os.kill(env["s3"].proc.pid, signal.SIGSTOP)  # S3 stops answering
+    go.write_text("go")
+    thread.join(timeout=900)
+    os.kill(env["s3"].proc.pid, signal.SIGCONT)  # S3 is back, with what it held
+    assert not thread.is_alive()
+    error = box.get("error")
+    assert isinstance(error, StorageUnreachable), repr(error)[:3000]
+    assert str(error).startswith(f"stage s3-outage stopped: its checkpoint storage s3://{BUCKET}/ray did not "
+                                 f"answer (AWS Error ")
+    assert "then run again: the stage resumes from its last checkpoint recorded there" in str(error)
+    client = MlflowClient(env["mlflow"].uri)
+    exp = client.get_experiment_by_name("s3-outage")
+    (failed,) = client.search_runs([exp.experiment_id])
+    assert failed.info.status == "FAILED"
+
+    result = run_stage(cfg)
+    assert result.metrics["resumed_at_epoch"] == 1 and result.metrics["epoch"] == EPOCHS - 1
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and "model.pt" in {a.path for a in client.list_artifacts(run.info.run_id)}
