@@ -379,7 +379,7 @@ def main() -> None:
     print("\n## Each preset on a cluster (stages of W = the preset's workers each, packed on the GPUs; "
           "or every stage on all GPUs one after another)\n")
     print("| preset | stages | sweep trials | GPUs | wall, W=8 packed | busy GPU-h | held GPU-h | wall, W=GPUs "
-          "| held GPU-h | step limit (share of training time) | max_concurrent_trials |")
+          "| held GPU-h | step limit (share of training time) | max_concurrent_trials (wall if unset) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, (works, facts) in presets.items():
         for gpus in args.gpus:
@@ -393,7 +393,10 @@ def main() -> None:
             wide_jobs = jobs_for(works, gpus, throughput, hw)
             wide = simulate(wide_jobs, gpus)
             trials = f"{facts['trials']}{' (ASHA)' if facts['asha'] else ''}" if facts["trials"] else "-"
-            conc = str(next(iter(concurrency.values()))) if concurrency else "-"
+            conc = "-"
+            if concurrency:  # unset, the sweep starts as many trials as the whole cluster fits (sweep.py)
+                unset = simulate(jobs, gpus, {g: max(1, gpus // workers) for g in concurrency})
+                conc = f"{next(iter(concurrency.values()))} ({unset.wall_s / 86400:.1f} d)"
             print(f"| {name} | {facts['stages']} | {trials} | {gpus} | {packed.wall_s / 86400:.1f} d | "
                   f"{hours(packed.busy_gpu_s)} | {hours(gpus * packed.wall_s)} | {wide.wall_s / 86400:.1f} d | "
                   f"{hours(gpus * wide.wall_s)} | {top} ({share[top] / sum(share.values()):.0%}) | {conc} |")
