@@ -22,8 +22,8 @@ from tests.servers import MLflowServer
 
 from .conftest import ROOT
 
-pytestmark = pytest.mark.integration
-EPOCHS = 3
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+EPOCHS = 2
 
 
 @pytest.fixture(scope="module")
