@@ -1,12 +1,13 @@
 """Time one training step (forward + backward + Adam) of the Bit-Mixer ResNet-18 in Stage III against the
 same network built from plain nn.Conv2d / nn.BatchNorm2d, in the same process.
 
-    .venv/bin/python bench/train_step.py [--repeats 10] [--batch 64] [--threads N]
+    .venv/bin/python bench/train_step.py [--repeats 10] [--batch 64] [--threads N] [--profile]
 
 Steps are interleaved (quantized, plain, quantized, ...) so that drifts in machine load hit both; the figure
 is the median of the per-pair time ratios, for wall-clock time and for this process's CPU time (the latter
 is the steadier figure on a machine shared with other jobs). The Stage III sub-net is redrawn (layer-wise, k = 0.75) before
-every quantized step, as in training."""
+every quantized step, as in training. `--profile` then prints where a Stage III step and a plain step spend
+their CPU time (torch.profiler, the operators with the most self time over 3 steps of each)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--profile", action="store_true", help="also print the operators with most self CPU time")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,6 +67,13 @@ def main() -> None:
         ratio = median([q[k] / p[k] for q, p in pairs])
         print(f"{clock:4s}: Bit-Mixer Stage III {median(meta_t) * 1e3:.0f} ms, plain {median(plain_t) * 1e3:.0f} ms, "
               f"ratio (median of interleaved pairs) {ratio:.3f}x")
+    if args.profile:
+        for model, title in ((meta, "Bit-Mixer Stage III"), (plain, "plain")):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    step(model)
+            print(f"\n{title}, 3 steps:")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 if __name__ == "__main__":
