@@ -6,7 +6,7 @@
 #   bench/gpu_wheels.sh                       (env: PY_VERSION=3.12  WHEELS=build/gpu_wheels)
 #
 # The versions are the ones this project's .venv runs. torch, numpy, einops, msgpack, psutil, py-cpuinfo,
-# tqdm, ninja and typing-extensions are taken from the GPU machine's own Python.
+# tqdm and ninja are taken from the GPU machine's own Python (typing-extensions travels: pydantic needs a recent one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="${PIP:-.venv/bin/pip}"
@@ -16,7 +16,7 @@ mkdir -p "$WHEELS"
 version() { "$PIP" show "$1" 2>/dev/null | sed -n 's/^Version: //p'; }
 
 binary=()
-for name in pydantic pydantic-core annotated-types typing-inspection hjson; do
+for name in pydantic pydantic-core annotated-types typing-inspection typing-extensions hjson; do
   v="$(version "$name")"
   [ -n "$v" ] || { echo "gpu_wheels: $name is not installed in this .venv; run infra/setup.sh first." >&2; exit 2; }
   binary+=("$name==$v")
