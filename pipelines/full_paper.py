@@ -43,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # SIGTERM (a cancelled job, a CI timeout) unwinds like Ctrl-C: the local Ray we started is stopped and
     # every MLflow run still open under the pipeline run ends KILLED.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    terminated = []
+
+    def on_sigterm(*_):
+        terminated.append(True)
+        sys.exit(143)
+    signal.signal(signal.SIGTERM, on_sigterm)
     from orchestrator.pipeline.app import run_pipeline, ui_command
     from orchestrator.pipeline.paper_tables import render_markdown
     try:
@@ -51,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     except (PipelineConfigError, RuntimeError, ValueError) as err:  # bad input, unreachable MLflow, busy work dir
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except SystemExit:
+        if not terminated:  # (Ray may re-raise the signal's exit with a code of its own)
+            raise
+        print("stopped by SIGTERM: the runs still open were marked KILLED; run the same command again to resume",
+              file=sys.stderr)
+        return 143
     print()
     print(render_markdown(report.tables))
     print(report.summary())

@@ -6,9 +6,12 @@ Ray and stops it at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,12 +153,25 @@ def _connect_ray(env_vars: dict[str, str]) -> bool:
     import ray
     if ray.is_initialized():
         return False
-    if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), runtime_env={"env_vars": env_vars},
-                 log_to_driver=False)
-        return False
-    ray.init(runtime_env={"env_vars": env_vars}, include_dashboard=False, log_to_driver=False)
+    with _keeping_sigterm_handler():
+        if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
+            ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), runtime_env={"env_vars": env_vars},
+                     log_to_driver=False)
+            return False
+        ray.init(runtime_env={"env_vars": env_vars}, include_dashboard=False, log_to_driver=False)
     return True
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_handler():
+    """ray.init replaces the driver's SIGTERM handler (and its core worker installs one that ends the process
+    without unwinding): put ours back, so that SIGTERM still ends the open runs KILLED and stops Ray."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(previous) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
 
 
 def run_pipeline(cfg: PipelineConfig, *, log=print, retrain: bool = False) -> PipelineReport:
