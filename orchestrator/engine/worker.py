@@ -264,6 +264,25 @@ class StageWorker:
                 callback.after_report(self, epoch)
 
 
+STALE_BUILD_LOCK_S = 600.0  # DeepSpeed's shm-comm op builds in under a minute on 2 cores
+
+
+def clear_stale_build_locks(extensions_dir: str | os.PathLike, older_than_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """Remove the `lock` file a build killed half-way (a stopped stage, a SIGKILL'd driver) left in the torch
+    extensions cache: torch waits for it to go away, forever, before it loads the op. A lock older than any
+    real build is stale."""
+    removed = []
+    for lock in Path(extensions_dir).glob("*/lock"):
+        try:
+            if time.time() - lock.stat().st_mtime > older_than_s:
+                lock.unlink(missing_ok=True)
+                removed.append(lock)
+                print(f"removed the stale build lock {lock} (left by a build that was stopped)", flush=True)
+        except OSError:
+            continue
+    return removed
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Entry point Ray Train runs on every worker; `loop_config` = {"stage": StageConfig JSON, "run_id",
     "torch_extensions_dir", "run_dir", "callbacks"}."""
@@ -272,5 +291,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if not cfg.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", loop_config["torch_extensions_dir"])
+    clear_stale_build_locks(os.environ["TORCH_EXTENSIONS_DIR"])
     StageWorker(cfg, run_id=loop_config["run_id"], run_dir=loop_config.get("run_dir"),
                 callbacks=loop_config.get("callbacks") or ()).run()

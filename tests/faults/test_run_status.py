@@ -186,3 +186,21 @@ def test_sigterm_of_the_driver_ends_the_pipeline_and_its_stages_killed(server, c
     assert client.get_run(opened["stage"]).data.tags["bitmixer.status"] == "KILLED"
     with work_dir_lock(cfg.resolved_work_dir()):
         pass
+
+
+def test_a_stale_build_lock_is_removed(tmp_path):
+    """A DeepSpeed op build stopped half-way leaves `lock` in the torch extensions cache, and torch then waits
+    for it forever: a lock older than any build is removed before a worker loads DeepSpeed; a fresh one (a
+    build under way) is left alone."""
+    import os
+    import time
+
+    from orchestrator.engine.worker import clear_stale_build_locks
+    stale, fresh = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir()
+        lock.write_bytes(b"")
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+    assert clear_stale_build_locks(tmp_path) == [stale]
+    assert not stale.exists() and fresh.exists()
