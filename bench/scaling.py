@@ -307,6 +307,9 @@ def throughput_from_gpu_check(path: Path, assumed: dict[str, Throughput]) -> dic
     format); every architecture's quantized share becomes the measured one, and the other figures scale by
     ResNet-18's measured / assumed FP32."""
     figures = json.loads(path.read_text())
+    if figures.get("card") == "CPU dry run":
+        raise ValueError(f"{path} holds a CPU dry run's figures, which mean nothing; pass the JSON of "
+                         "bench/gpu_check.sh run on a GPU.")
     best = {}
     for run in figures["runs"]:
         best[run["name"]] = max(best.get(run["name"], 0.0), run["images_per_s"])

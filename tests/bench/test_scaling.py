@@ -174,3 +174,12 @@ def test_gpu_check_figures_replace_the_assumed_ones(scaling, tmp_path):
     assert measured["resnet50"].fp32 == pytest.approx(600.0)
     assert measured["resnet50"].bf16 == pytest.approx(1200.0)
     assert measured["resnet50"].quantized_over_fp32 == pytest.approx(0.5)
+
+
+def test_a_dry_run_json_is_refused(scaling, tmp_path):
+    """A CPU dry run's figures must never stand in for a GPU's."""
+    path = tmp_path / "gpu_check.json"
+    path.write_text(json.dumps({"card": "CPU dry run", "runs": [{"name": "fp32", "images_per_s": 0.3},
+                                                                  {"name": "three", "images_per_s": 0.5}]}))
+    with pytest.raises(ValueError, match="CPU dry run"):
+        scaling.throughput_from_gpu_check(path, {"resnet18": scaling.Throughput(1.0, 1.0, 1.0)})
