@@ -352,10 +352,18 @@ def main() -> None:
     args = parser.parse_args()
     configs = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
 
+    unknown = [p for p in args.presets if not (configs / f"{p}.yaml").is_file()]
+    if unknown:
+        parser.error(f"no preset {unknown[0]!r} in {configs}; give one of "
+                     f"{sorted(f.stem for f in configs.glob('*.yaml'))}.")
     throughput = ASSUMED_H100
     source = "assumed (no GPU measurement; see docs/scaling.md)"
     if args.gpu_check:
-        throughput, source = throughput_from_gpu_check(args.gpu_check, ASSUMED_H100), f"measured ({args.gpu_check})"
+        try:
+            throughput = throughput_from_gpu_check(args.gpu_check, ASSUMED_H100)
+        except (OSError, ValueError, KeyError) as err:
+            parser.error(f"--gpu-check {args.gpu_check}: {err}")
+        source = f"measured ({args.gpu_check})"
     presets = {p: preset_work(configs / f"{p}.yaml") for p in args.presets}
     first = next(iter(presets.values()))[1]
     hw_defaults = {"cores_per_gpu": first["cores_per_worker"]}
