@@ -144,7 +144,7 @@ def _straight_through(grad: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, 
     bounds as numbers); elsewhere a mask, so that reading alpha never synchronises an accelerator."""
     # A learned step size may turn negative; the range of x is then [hi * alpha, lo * alpha].
     if x.device.type == "cpu" if fused is None else fused:
-        a = float(alpha)
+        a = float(alpha.detach())
         return torch.ops.aten.hardtanh_backward(grad, x.contiguous(), min(lo * a, hi * a), max(lo * a, hi * a))
     ends = torch.stack([lo * alpha, hi * alpha])
     inside = (x > ends.min()) & (x < ends.max())

@@ -126,7 +126,7 @@ def test_step_sizes_stay_positive_under_a_large_learning_rate():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        smallest = min(smallest, min(float(m.weight_step_size.min()) for _, m in quantized_layers(model)))
+        smallest = min(smallest, min(float(m.weight_step_size.detach().min()) for _, m in quantized_layers(model)))
     for module in model.modules():
         if hasattr(module, "log_weight_step_size"):
             for alpha in (module.weight_step_size, module.activation_step_size):
