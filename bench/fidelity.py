@@ -1,6 +1,7 @@
 """Fidelity check: the paper's qualitative claims at small scale, mean ± std over seeds, PASS / FAIL.
 
-Runs the protocol of a pipeline preset (default `pipelines/configs/fidelity.yaml`) in ONE process, without
+Runs the protocol of a pipeline preset (default `pipelines/configs/fidelity.yaml`) in plain Python processes
+(one per seed, or per reading, each on one thread; `--jobs 1` keeps one reading in this process), without
 Ray or DeepSpeed (their per-stage start-up would dominate runs this small), through the project's own
 pieces: the pipeline's config class, the FFCV loaders, the engine's warm-up + cosine schedule and sub-net
 sampler, the core's Stage transitions, distillation loss and evaluation protocol, and the deploy package's
@@ -28,8 +29,9 @@ ImageNet figure:
 
 A claim is judged on the means over seeds; how many seeds pass on their own is printed beside it.
 
-    .venv/bin/python bench/fidelity.py                                  # bn_quantize_conv, seeds 0 1 2
-    .venv/bin/python bench/fidelity.py --reading both --out results.json  # two processes, one per reading
+    .venv/bin/python bench/fidelity.py                  # bn_quantize_conv, seeds 0 1 2, one process per seed,
+                                                        # as many at a time as there are cores
+    .venv/bin/python bench/fidelity.py --reading both --jobs 2 --out results.json  # one process per reading
     .venv/bin/python bench/fidelity.py --reading both --jobs 6           # one process per reading and seed
     .venv/bin/python bench/fidelity.py --report results.json             # the claims of a saved run again
     .venv/bin/python bench/fidelity.py --data /path/to/prepared/folder  # any pipelines/prepare_data.py folder
@@ -542,7 +544,7 @@ def run_children(args, readings) -> list[dict]:
             reading, seeds = pending.pop(0)
             out = folder / f"{reading}-{'-'.join(map(str, seeds))}.json"
             command = [sys.executable, str(Path(__file__).resolve()), "--reading", reading, "--config",
-                       str(args.config), "--seeds", *map(str, seeds), "--out", str(out), "--quiet"]
+                       str(args.config), "--seeds", *map(str, seeds), "--out", str(out), "--jobs", "1", "--quiet"]
             if args.data:
                 command += ["--data", args.data]
             if args.epochs is not None:
@@ -622,8 +624,9 @@ def main(argv=None) -> int:
                         help="override every stage's epochs (a quick check of the path only; no claim holds)")
     parser.add_argument("--out", default=None, help="write every figure (per seed, per epoch losses) as JSON")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="child processes at a time (default: 1 for one reading, in this process; 2 for both, "
-                             "one per reading); more than the readings gives one process per (reading, seed)")
+                        help="child processes at a time, one thread each (default: the number of CPU cores); more "
+                             "than the readings gives one process per (reading, seed); 1 runs one reading in this "
+                             "process")
     parser.add_argument("--report", nargs="+", default=None, metavar="JSON",
                         help="print the claims of results saved with --out (no training)")
     parser.add_argument("--markdown", action="store_true", help="also print the claims as one Markdown table")
@@ -638,7 +641,9 @@ def main(argv=None) -> int:
         args.seeds = list(cfg.seeds or [cfg.seed])
     started = time.perf_counter()
     readings = list(READINGS) if args.reading == "both" else [args.reading]
-    args.jobs = args.jobs or len(readings)
+    args.jobs = args.jobs or os.cpu_count() or 1
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs} must be at least 1")
     if args.report:
         results = merge_saved(args.report)
     elif args.jobs == 1 and len(readings) == 1:
