@@ -69,8 +69,6 @@ NO_TBN_DROP = 20.0           # (c)
 TIMES_CHANCE = 3.0           # (d)
 INDEPENDENT_GAP = 3.0        # (e)
 
-# Table 6 of the paper, "Ours" (ResNet-18, mixed precision found by the sub-net search): average bits -> top-1.
-PAPER_TABLE6_OURS = {2.5: 66.4, 3.0: 68.6, 3.5: 69.2}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -236,7 +234,9 @@ def claim_f(runs: list[dict]) -> Claim:
                "the reverse (more bits to the flatter layers) beats random, the project's reading does not"
                if beats["lower"] and not beats["higher"] else
                "both directions beat random" if beats["higher"] else "neither direction beats random")
-    paper_text = ("Table 6 'Ours' at avg " + " / ".join(f"{b:g}: {v}" for b, v in PAPER_TABLE6_OURS.items())
+    from orchestrator.pipeline.paper_tables import PAPER_TABLE6  # "Ours": average bits -> top-1 (ResNet-18)
+    paper_figures = " / ".join(f"{float(b):g}: {PAPER_TABLE6[f'{float(b):g}']}" for b in budgets)
+    paper_text = (f"Table 6 'Ours' at avg {paper_figures}"
                   + " (rising); Fig. 4: the mean of all configurations is 3-4 % below the top performer")
     return Claim("f", f"at average bits {', '.join(f'{float(b):g}' for b in budgets)}, the top-{TOP_K} sub-nets by "
                  f"the Hessian score beat the mean of random assignments of the same budget, and the best "
@@ -521,8 +521,8 @@ def run_reading(args, reading: str) -> dict:
     runs = []
     for seed in args.seeds:
         prefix = f"[{reading} seed {seed}]"
-        say = lambda text, prefix=prefix: print(f"{prefix} {text}  [{time.perf_counter() - started:.0f} s]",  # noqa: E731
-                                                flush=True)
+        def say(text, prefix=prefix):
+            print(f"{prefix} {text}  [{time.perf_counter() - started:.0f} s]", flush=True)
         runs.append(run_seed(protocol, seed, say))
     return {"reading": reading, "config": str(args.config), "data": data_path, "num_classes": num_classes,
             "bits": protocol.bits, "independent_bits": protocol.independent_bits, "seeds": list(args.seeds),
@@ -604,7 +604,8 @@ def markdown(results: list[dict]) -> str:
              + " | paper (ImageNet, ResNet-18) |", "|---" * (len(judged) + 2) + "|"]
     for i, claim in enumerate(judged[0][1]):
         cells = [f"**{'PASS' if c[i].passed else 'FAIL'}** ({c[i].seeds_passed}/{c[i].seeds} seeds): "
-                 + c[i].ours.replace("\n", "<br>").replace("            ", "") + (f"<br>{c[i].note}" if c[i].note else "")
+                 + c[i].ours.replace("\n", "<br>").replace("            ", "")
+                 + (f"<br>{c[i].note}" if c[i].note else "")
                  for _, c in judged]
         lines.append(f"| ({claim.key}) {claim.text} | " + " | ".join(cells) + f" | {claim.paper} |")
     return "\n".join(lines) + "\n"
