@@ -13,10 +13,9 @@ bit-width, e.g. (32,) or (8,), so that side contributes one key only.
 
 Modes (Table 1 ablation):
 - "transitional": one entry per (i, j) pair (the paper).
-- "per_bit": one entry per bit-width of the current layer, as in AdaBits. The current layer is the one the
-  BN belongs to: the conv it feeds when BNs sit before the quantizers (`current_side="next"`, the default
-  block order) or the conv it normalises in the classic order (`current_side="previous"`). A side with a
-  fixed precision has one bit-width, so the other side keys the entries then.
+- "per_bit": one entry per bit-width j of layer l, the layer the BN feeds (AdaBits' BN per bit-width; the
+  paper's Table 1 "w/o Transitional BN"), whatever the previous layer's i. When layer l has a fixed
+  precision (the FC), its one bit-width keys nothing, so the previous layer's bits key the entries.
 - "shared": one plain BN for every assignment.
 """
 
@@ -61,13 +60,10 @@ class TransitionalBatchNorm2d(nn.Module):
         next_bits: Iterable[int] | None = None,
         eps: float = 1e-5,
         momentum: float = 0.1,
-        current_side: str = "next",
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"bn mode must be one of {MODES}, got {mode!r}.")
-        if current_side not in ("previous", "next"):
-            raise ValueError(f"current_side must be 'previous' or 'next', got {current_side!r}.")
         self.num_features = num_features
         self.mode = mode
         self.previous_bits = tuple(bits if previous_bits is None else previous_bits)
@@ -77,7 +73,7 @@ class TransitionalBatchNorm2d(nn.Module):
             keys = pairs
             lookup = {p: k for k, p in enumerate(pairs)}
         elif mode == "per_bit":
-            by_next = len(self.next_bits) > 1 if current_side == "next" else len(self.previous_bits) == 1
+            by_next = len(self.next_bits) > 1
             keys = list(self.next_bits if by_next else self.previous_bits)
             lookup = {(i, j): keys.index(j if by_next else i) for i, j in pairs}
         else:

@@ -39,14 +39,14 @@ def build_model(
     first_last: str = "fp32",
     bn: str = "transitional",
     quantizer=QuantizerOptions(),
-    block_order: str = "bn_quantize_conv",
+    block_order: str = "conv_bn_relu",
 ) -> ResNet:
     """Build a Bit-Mixer meta-network. Options are plain data (a YAML config passes them unchanged):
     bits may be BitWidths, a list ([2, 3, 4]) or {"weights": [...], "activations": [...]}; quantizer may
     be QuantizerOptions or a mapping of its fields. first_last says what the first conv and the last FC
     are: "fp32" (full precision) or "int8" (fixed 8-bit, own step sizes, never switched). block_order says
-    where the quantizers sit (see models/resnet.py): "bn_quantize_conv" (signed inputs, the default) or
-    "conv_bn_relu" (classic order, unsigned activation range)."""
+    where the quantizers sit (see models/resnet.py): "conv_bn_relu" (classic order, unsigned activation range,
+    the default) or "bn_quantize_conv" (BN -> quantizer -> conv, signed inputs)."""
     if name not in MODEL_SPECS:
         raise ValueError(f"unknown model {name!r}; choose one of {available_models()}.")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:

@@ -70,9 +70,9 @@ class ModelConfig(BaseModel):
     symmetric: bool = Field(True, description="Symmetric integer range of Eq. 2 (False: asymmetric ablation).")
     nesting: Literal["scale", "clip"] = Field("scale", description="Per-bit step sizes, or the clip-based "
                                                                    "nesting of Eq. 3-4 (ablation).")
-    block_order: Literal["bn_quantize_conv", "conv_bn_relu"] = Field(
-        "bn_quantize_conv", description="Where the quantizers sit (bitmixer_core/models/resnet.py): BN -> "
-        "quantizer -> conv with signed inputs (default), or the classic conv -> BN -> ReLU with an unsigned range.")
+    block_order: Literal["conv_bn_relu", "bn_quantize_conv"] = Field(
+        "conv_bn_relu", description="Where the quantizers sit (bitmixer_core/models/resnet.py): the classic "
+        "conv -> BN -> ReLU with an unsigned activation range (default), or BN -> quantizer -> conv, signed.")
 
     @field_validator("name")
     @classmethod

@@ -77,10 +77,10 @@ def test_one_bit_layers_depend_on_their_input(images, block_order):
     assert not torch.equal(layer(x), layer(-x))
 
 
-def test_signed_inputs_by_default_unsigned_only_after_a_relu():
-    """The default order feeds every switchable quantizer a signed tensor (Eq. 2 as written); the classic
-    order declares its post-ReLU inputs unsigned."""
-    default = build_model("resnet_tiny", num_classes=10, stem="small")
-    assert all(layer.signed_input for _, layer in quantized_layers(default))
-    classic = build_model("resnet_tiny", num_classes=10, stem="small", block_order="conv_bn_relu")
+def test_unsigned_range_exactly_where_the_input_follows_a_relu():
+    """The classic order (the default) declares its post-ReLU inputs unsigned; BN first feeds every
+    switchable quantizer a signed tensor (Eq. 2 as written)."""
+    classic = build_model("resnet_tiny", num_classes=10, stem="small")
     assert not any(layer.signed_input for _, layer in quantized_layers(classic))
+    norm_first = build_model("resnet_tiny", num_classes=10, stem="small", block_order="bn_quantize_conv")
+    assert all(layer.signed_input for _, layer in quantized_layers(norm_first))

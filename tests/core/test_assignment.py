@@ -41,7 +41,7 @@ def test_block_level_assignment_shares_one_draw_per_block(tiny):
     model, _ = tiny
     blocks = residual_blocks(model)
     assert [b for b, _ in blocks] == ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
-    assert "layer2.0.downsample.1" in dict(blocks)["layer2.0"]  # the shortcut conv, after its BN
+    assert "layer2.0.downsample.0" in dict(blocks)["layer2.0"]  # the shortcut conv (classic order: before its BN)
     set_block_bits(model, [2, 3, 4, 2])
     bits = get_bits(model)
     for (_, members), b in zip(blocks, [2, 3, 4, 2]):

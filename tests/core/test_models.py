@@ -39,15 +39,15 @@ def test_resnet18_has_standard_size_and_tbn_adds_under_one_percent():
     step sizes in the classic block order; with BNs before the quantizers the convs and FC are the same
     and only the BNs' channel counts move (9,600 standard BN parameters become 8,832); Transitional BNs
     plus step sizes add under 1% for bits (2, 3, 4)."""
-    classic = build_shapes_only("resnet18", num_classes=1000, bn="shared", block_order="conv_bn_relu")
+    classic = build_shapes_only("resnet18", num_classes=1000, bn="shared")
     weights, norms, _ = split_parameters(classic)
     assert weights + norms == 11_689_512 and norms == 9_600
-    base = build_shapes_only("resnet18", num_classes=1000, bn="shared")
-    assert split_parameters(base)[:2] == (weights, 8_832)
+    norm_first = build_shapes_only("resnet18", num_classes=1000, bn="shared", block_order="bn_quantize_conv")
+    assert split_parameters(norm_first)[:2] == (weights, 8_832)
     full, full_norms, steps = split_parameters(build_shapes_only("resnet18", num_classes=1000))
-    extra = full_norms + steps - 8_832
-    print(f"\nresnet18: TBN + step sizes add {extra:,} parameters ({100 * extra / (weights + 8_832):.3f}%)")
-    assert full == weights and 0 < extra / (weights + 8_832) < 0.01
+    extra = full_norms + steps - 9_600
+    print(f"\nresnet18: TBN + step sizes add {extra:,} parameters ({100 * extra / 11_689_512:.3f}%)")
+    assert full == weights and 0 < extra / 11_689_512 < 0.01
 
 
 def test_big_models_build_with_expected_structure():
@@ -57,9 +57,9 @@ def test_big_models_build_with_expected_structure():
         assert sum(p.numel() for p in build_shapes_only(name, num_classes=10).parameters()) > 0
     sizes = {"resnet34": 21_797_672, "resnet50": 25_557_032}
     for name, size in sizes.items():
-        model = build_shapes_only(name, num_classes=1000, bn="shared", block_order="conv_bn_relu")
+        model = build_shapes_only(name, num_classes=1000, bn="shared")
         assert sum(p.numel() for n, p in model.named_parameters() if not n.endswith("step_size")) == size
-        norm_first = build_shapes_only(name, num_classes=1000, bn="shared")
+        norm_first = build_shapes_only(name, num_classes=1000, bn="shared", block_order="bn_quantize_conv")
         assert split_parameters(norm_first)[0] == split_parameters(model)[0]  # same convs and FC
     ebn = build_shapes_only("ebn_4_8_16_32", num_classes=1000)
     assert [ebn.layer1[0].conv1.groups, ebn.layer2[0].conv1.groups, ebn.layer3[1].conv2.groups,

@@ -32,7 +32,7 @@ def test_every_pair_has_its_own_entry_and_modes_shrink_it():
 def test_previous_layer_bits_alone_change_the_entry_and_the_output():
     """The BN before layer2.0.conv1 sits between layer1.0.conv2 (previous) and layer2.0.conv1 (next):
     changing only the previous layer's bits selects another (i, j) entry, and the BN output changes."""
-    model = build_model("resnet_tiny", num_classes=10, stem="small")
+    model = build_model("resnet_tiny", num_classes=10, stem="small", block_order="bn_quantize_conv")
     randomise_entries(model)
     model.eval()
     bn = model.layer2[0].bn1
@@ -50,7 +50,7 @@ def test_previous_layer_bits_alone_change_the_entry_and_the_output():
 def test_shortcut_conv_has_its_own_bn_keyed_by_its_own_bits():
     """The block input feeds two quantized convs in a downsampling block: each has its own BN, keyed by
     (bits of the layer that made the input, bits of that conv)."""
-    model = build_model("resnet_tiny", num_classes=10, stem="small")
+    model = build_model("resnet_tiny", num_classes=10, stem="small", block_order="bn_quantize_conv")
     set_bits(model, {"layer1.0.conv2": 3, "layer2.0.conv1": 2, "layer2.0.downsample.1": 4})
     assert model.layer2[0].bn1.transition == (3, 2)
     assert model.layer2[0].downsample[0].transition == (3, 4)
@@ -61,7 +61,7 @@ def test_transitional_statistics_depend_on_the_previous_layers_bits():
     running statistics in the (2, j) and (4, j) entries of the BN between them: the entries track what
     the previous layer's precision does to the features."""
     torch.manual_seed(0)
-    model = build_model("resnet_tiny", num_classes=10, stem="small")
+    model = build_model("resnet_tiny", num_classes=10, stem="small", block_order="bn_quantize_conv")
     images = torch.randn(16, 3, 32, 32)
     calibrate_activation_step_sizes(model, images)
     model.train()
@@ -80,14 +80,14 @@ def test_transitional_statistics_depend_on_the_previous_layers_bits():
 def test_fixed_sides_and_fp32_mode():
     """The first block's input BNs follow the fixed first conv (32 bits when FP32, 8 when int8); the final
     BN feeds the fixed FC; with activations not quantized every BN uses its (max, max) entry."""
-    model = build_model("resnet_tiny", num_classes=10, stem="small", first_last="int8")
+    model = build_model("resnet_tiny", num_classes=10, stem="small", first_last="int8", block_order="bn_quantize_conv")
     set_bits(model, 2)
     assert model.layer1[0].bn1.transition == (8, 2)
     assert model.bn_out.transition == (2, 8)
     assert model.layer2[0].downsample[0].transition == (2, 2)
     set_quantization(model, weights=False, activations=False)
     assert model.layer1[0].bn2.transition == (4, 4) and model.layer1[0].bn1.transition == (8, 4)
-    fp = build_model("resnet_tiny", num_classes=10, stem="small")
+    fp = build_model("resnet_tiny", num_classes=10, stem="small", block_order="bn_quantize_conv")
     assert fp.layer1[0].bn1.previous_bits == (32,) and fp.bn_out.next_bits == (32,)
     assert isinstance(fp.bn1, torch.nn.BatchNorm2d)  # the stem BN sees only the fixed first conv
 
@@ -106,11 +106,11 @@ def test_classic_block_order_keys_bns_by_the_conv_before_and_the_next_block():
 
 def test_state_dict_round_trip_keeps_every_pair():
     """All (i, j) entries are saved in state_dict and loaded back into a fresh model."""
-    source = build_model("resnet_tiny", num_classes=10, stem="small")
+    source = build_model("resnet_tiny", num_classes=10, stem="small", block_order="bn_quantize_conv")
     randomise_entries(source)
     state = source.state_dict()
     assert sum(k.startswith("layer1.0.bn2.entries.") and k.endswith(".weight") for k in state) == 9
-    target = build_model("resnet_tiny", num_classes=10, stem="small")
+    target = build_model("resnet_tiny", num_classes=10, stem="small", block_order="bn_quantize_conv")
     target.load_state_dict(state)
     for k, v in target.state_dict().items():
         torch.testing.assert_close(v, state[k], msg=k)
@@ -125,17 +125,19 @@ def test_copies_keep_their_own_wiring():
     assert twin.layer1[0].bn2.transition == (2, 2) and model.layer1[0].bn2.transition == (4, 4)
 
 
-def test_per_bit_mode_keys_by_the_current_layer():
-    """bn="per_bit" (Table 1's "w/o Transitional BN"): one BN per bit-width of the layer the BN belongs to,
-    the conv it feeds when BNs come first, the conv it normalises in the classic order."""
-    model = build_model("resnet_tiny", num_classes=10, stem="small", bn="per_bit")
+def test_per_bit_mode_keys_by_the_layer_the_bn_feeds():
+    """bn="per_bit" (Table 1's "w/o Transitional BN"): one BN per bit-width j of layer l, the conv the BN
+    feeds, whatever the previous layer's i; before the fixed FC, the previous layer's bits key it."""
+    model = build_model("resnet_tiny", num_classes=10, stem="small", bn="per_bit", block_order="bn_quantize_conv")
     set_bits(model, {"layer1.0.conv1": 3, "layer1.0.conv2": 2, "layer4.0.conv2": 2})
     assert model.layer1[0].bn2.transition == 2 and model.layer1[0].bn1.transition == 3
     assert model.bn_out.transition == 2  # the FC is fixed: keyed by the last conv
-    classic = build_model("resnet_tiny", num_classes=10, stem="small", bn="per_bit", block_order="conv_bn_relu")
-    set_bits(classic, {"layer1.0.conv2": 2, "layer1.0.conv1": 3})
-    assert classic.layer1[0].bn2.transition == 2
-    assert classic.bn1.transition == 3
+    classic = build_model("resnet_tiny", num_classes=10, stem="small", bn="per_bit")
+    set_bits(classic, {"layer1.0.conv1": 3, "layer1.0.conv2": 2, "layer2.0.conv1": 4})
+    assert classic.layer1[0].bn1.transition == 2  # between conv1 (3 bits) and conv2 (2 bits)
+    assert classic.layer1[0].bn2.transition == 4  # feeds layer2.0.conv1
+    set_bits(classic, {"layer4.0.conv2": 3})
+    assert classic.layer4[0].bn2.transition == 3  # feeds the fixed FC: keyed by its own conv
 
 
 def test_stage_three_seeding_copies_uniform_entries_into_mixed_ones():
