@@ -29,7 +29,7 @@ ImageNet figure:
 
 A claim is judged on the means over seeds; how many seeds pass on their own is printed beside it.
 
-    .venv/bin/python bench/fidelity.py                  # bn_quantize_conv, seeds 0 1 2, one process per seed,
+    .venv/bin/python bench/fidelity.py                  # conv_bn_relu, seeds 0 1 2, one process per seed,
                                                         # as many at a time as there are cores
     .venv/bin/python bench/fidelity.py --reading both --jobs 2 --out results.json  # one process per reading
     .venv/bin/python bench/fidelity.py --reading both --jobs 6           # one process per reading and seed
@@ -615,7 +615,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="pipeline preset (default: fidelity.yaml)")
-    parser.add_argument("--reading", choices=(*READINGS, "both"), default="bn_quantize_conv",
+    parser.add_argument("--reading", choices=(*READINGS, "both"), default="conv_bn_relu",
                         help="block order of the quantized ResNet (both: one process each)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="run seeds (default: the preset's `seeds`, else its `seed`)")
