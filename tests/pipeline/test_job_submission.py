@@ -128,6 +128,8 @@ def test_submitted_pipeline_reports_to_mlflow_and_s3_then_resubmission_trains_no
     logs = _submit(cluster, "bitmixer-first")
     print(logs[logs.find("Pipeline run"):])  # the summary, shown if the test fails
     assert "Table 7" in logs and "mlflow" in logs.lower()
+    # A healthy run shows progress and tables, never a traceback (worker-group retries, Ray chatter).
+    assert "Traceback" not in logs, logs[logs.find("Traceback") - 2000:logs.find("Traceback") + 2000]
 
     client = MlflowClient(tracking_uri=mlf.uri)
     exp = client.get_experiment_by_name("submitted")
