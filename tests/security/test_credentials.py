@@ -222,7 +222,12 @@ def test_a_real_stage_run_never_shows_the_password(server, digits, tmp_path, cap
     # Started after the config was read: Ray's processes inherit the credentials from the environment.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     try:
-        result = run_stage(cfg)
+        try:
+            result = run_stage(cfg)
+        except ray.exceptions.ActorDiedError:
+            # Ray on a loaded 2-core machine has been seen to cancel the Train controller before it starts
+            # (an infrastructure flake, not what this test is about): one more try; the output of both is checked.
+            result = run_stage(cfg, retrain=True)
     finally:
         ray.shutdown()
     client = MlflowClient(tracking_uri=server.uri)
