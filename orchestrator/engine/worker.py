@@ -6,6 +6,7 @@ reports its DeepSpeed shard with the epoch's checkpoint and Ray merges them.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -122,17 +123,35 @@ class StageWorker:
         made by the caller, no Ray), the worker runs its steps up to evaluation: the presets' smoke test."""
         from orchestrator.tracking.stage_run import RunLogger
         self.cfg, self.run_dir, self.callbacks = cfg, run_dir, list(callbacks)
+        self._resume_copy = contextlib.ExitStack()  # this rank's local copy of the checkpoint it resumes from
         if rank is None:
             import ray.train
             context = ray.train.get_context()
             self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
-            self.resume = ray.train.get_checkpoint()  # Ray's last recorded checkpoint of this run, or None
         else:
-            self.rank, self.world_size, self.resume = rank, world_size or 1, None
+            self.rank, self.world_size = rank, world_size or 1
         self.device = _device(cfg.scaling.use_gpu)
+        # The local folder of the newest whole checkpoint Ray recorded for this run, or None (epoch 0).
+        self.resume = self._choose_checkpoint() if rank is None else None
         self.logger = RunLogger(cfg.tracking.tracking_uri, run_id) if self.rank == 0 and run_id else None
         self.stage, self.bits = cfg.policy.stage, list(cfg.model.bits_activations)
         self.start_epoch, self.resumed_from, self.global_step = 0, -1, 0
+
+    def _choose_checkpoint(self) -> Path | None:
+        """Ray's recorded checkpoints of this run, newest first, checked against their manifests on every
+        rank (orchestrator.engine.resume); the copy stays until build_engine has loaded it."""
+        from orchestrator.engine.resume import newest_whole_checkpoint
+        return self._resume_copy.enter_context(newest_whole_checkpoint(
+            _recorded_checkpoints(), agree=self._on_every_rank, stage=self.cfg.name,
+            log=lambda line: print(line, flush=True)))
+
+    def _on_every_rank(self, ok: bool) -> bool:
+        """Whether `ok` holds on every rank (a MIN all-reduce)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return ok
+        flag = torch.tensor([int(ok)], device=self.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     def prepare_model(self):
         """The stage's network on this rank's device: built with the run seed (the same on every rank), at
@@ -192,8 +211,8 @@ class StageWorker:
         self.teacher = _load_teacher(cfg, self.device)
         self.sampler = SubnetSampler(self.engine.module, cfg.policy, cfg.model, cfg.seed)
         if self.resume is not None:
-            with self.resume.as_directory() as folder:
-                _, client_state = self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+            with self._resume_copy:  # the local copy goes once loaded
+                _, client_state = self.engine.load_checkpoint(str(self.resume), tag=CHECKPOINT_TAG)
             self.start_epoch = self.resumed_from = int(client_state["epoch"]) + 1
         self.global_step = self.start_epoch * self.steps_per_epoch
 
@@ -241,6 +260,8 @@ class StageWorker:
         shards into the epoch's checkpoint."""
         import ray.train
         from ray.train import Checkpoint
+
+        from orchestrator.engine.resume import write_manifest
         folder = Path(tempfile.mkdtemp(prefix=f"bitmixer-{self.cfg.name}-e{epoch}-"))
         try:
             self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, client_state={"epoch": epoch},
@@ -248,6 +269,7 @@ class StageWorker:
             if self.rank == 0:
                 _record_epoch(self.cfg, self.logger, self.engine.module, folder, metrics, table,
                               last=epoch == self.cfg.optim.epochs - 1)
+            write_manifest(folder, rank=self.rank, world_size=self.world_size)  # this rank's last file there
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -262,6 +284,22 @@ class StageWorker:
             self.checkpoint_and_report(epoch, metrics, table)
             for callback in self.callbacks:
                 callback.after_report(self, epoch)
+
+
+def _recorded_checkpoints():
+    """Ray's recorded checkpoints of this run, newest first: the latest, then (only if it is asked for) the
+    ones Ray kept before it."""
+    import ray.train
+    latest = ray.train.get_checkpoint()
+    if latest is None:
+        return
+    yield latest
+    from ray.train import CheckpointConsistencyMode
+    reported = ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED,
+                                                        timeout_s=120)
+    older = [r for r in reported if r.checkpoint.path != latest.path]
+    for r in sorted(older, key=lambda r: r.metrics.get("epoch", -1), reverse=True):
+        yield r.checkpoint
 
 
 STALE_BUILD_LOCK_S = 600.0  # DeepSpeed's shm-comm op builds in under a minute on 2 cores
