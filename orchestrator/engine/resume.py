@@ -4,7 +4,7 @@ Every rank lists the files it put into an epoch's checkpoint folder (relative pa
 files up to HASHED_BYTES) in `manifest_rank<r>.json`, the last file it writes there before Ray uploads the
 folder. A checkpoint is whole when the manifest of every rank is there and every file it lists matches.
 
-On resume each rank takes a local copy of Ray's newest recorded checkpoint, checks it, and the ranks agree
+On resume each rank takes a local copy of Ray's newest recorded checkpoint and checks it, and the ranks agree
 (a checkpoint whole on one rank but not on another is not whole); a checkpoint that is not whole is skipped
 with one line saying why, and the one recorded before it is tried; when none is whole the stage starts
 again from epoch 0, and says so.
@@ -102,12 +102,23 @@ def local_folder(checkpoint) -> Iterator[Path]:
         shutil.rmtree(copy, ignore_errors=True)
 
 
+def _one_reason(reasons: list[str | None]) -> str | None:
+    """The ranks' reasons as one: None when every rank found its copy whole."""
+    broken = [(rank, reason) for rank, reason in enumerate(reasons) if reason is not None]
+    if not broken:
+        return None
+    rank, reason = broken[0]
+    return reason if len(broken) == len(reasons) else f"{reason} (in the copy of rank {rank})"
+
+
 @contextlib.contextmanager
-def newest_whole_checkpoint(candidates: Iterable, *, agree: Callable[[bool], bool] = bool,
+def newest_whole_checkpoint(candidates: Iterable, *,
+                            gather: Callable[[str | None], list[str | None]] = lambda reason: [reason],
                             log: Callable[[str], None] = print, stage: str = "stage") -> Iterator[Path | None]:
     """The local folder of the first checkpoint in `candidates` (newest first) that is whole on every rank,
-    or None when none is. `agree(ok)` returns whether every rank found its copy whole (an all-reduce; the
-    ranks walk the same candidates in step). Each skipped checkpoint gets one line from `log`."""
+    or None when none is. `gather(reason)` collects every rank's reason (None: whole) in rank order (an
+    all-gather; the ranks walk the same candidates in step, and agree). Each skipped checkpoint gets one
+    line from `log`, and a start from epoch 0 after skipping one gets a line too."""
     skipped = 0
     for checkpoint in candidates:
         with local_folder(checkpoint) as folder:
@@ -115,12 +126,12 @@ def newest_whole_checkpoint(candidates: Iterable, *, agree: Callable[[bool], boo
                 reason = why_not_whole(folder)
             except OSError as err:  # a copy that could not even be listed
                 reason = f"it could not be read ({err})"
-            if agree(reason is None):
+            reason = _one_reason(gather(reason))
+            if reason is None:
                 yield folder
                 return
         skipped += 1
-        log(f"[{stage}] checkpoint {checkpoint.path} skipped: "
-            + (reason if reason is not None else "another rank found its copy incomplete") + ".")
+        log(f"[{stage}] checkpoint {checkpoint.path} skipped: {reason}.")
     if skipped:
         log(f"[{stage}] no recorded checkpoint is whole ({skipped} skipped), so the stage starts again from "
             f"epoch 0.")

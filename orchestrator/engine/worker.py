@@ -142,16 +142,16 @@ class StageWorker:
         rank (orchestrator.engine.resume); the copy stays until build_engine has loaded it."""
         from orchestrator.engine.resume import newest_whole_checkpoint
         return self._resume_copy.enter_context(newest_whole_checkpoint(
-            _recorded_checkpoints(), agree=self._on_every_rank, stage=self.cfg.name,
-            log=lambda line: print(line, flush=True)))
+            _recorded_checkpoints(), gather=self._from_every_rank, stage=self.cfg.name,
+            log=lambda line: print(line, flush=True) if self.rank == 0 else None))
 
-    def _on_every_rank(self, ok: bool) -> bool:
-        """Whether `ok` holds on every rank (a MIN all-reduce)."""
+    def _from_every_rank(self, value) -> list:
+        """`value` of every rank, in rank order (an all-gather)."""
         if not (dist.is_available() and dist.is_initialized()):
-            return ok
-        flag = torch.tensor([int(ok)], device=self.device if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+            return [value]
+        values = [None] * dist.get_world_size()
+        dist.all_gather_object(values, value)
+        return values
 
     def prepare_model(self):
         """The stage's network on this rank's device: built with the run seed (the same on every rank), at

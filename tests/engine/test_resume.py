@@ -39,10 +39,10 @@ def write_checkpoint(root: Path, epoch: int) -> Path:
     return final
 
 
-def newest_whole(folders, agree=bool):
+def newest_whole(folders, gather=lambda reason: [reason]):
     lines: list[str] = []
     candidates = [Checkpoint.from_directory(str(f)) for f in folders]
-    with newest_whole_checkpoint(candidates, agree=agree, log=lines.append, stage="s") as folder:
+    with newest_whole_checkpoint(candidates, gather=gather, log=lines.append, stage="s") as folder:
         return folder, lines
 
 
@@ -102,10 +102,11 @@ def test_a_missing_manifest_or_file_makes_resume_take_the_checkpoint_before_it(t
 
 def test_a_checkpoint_another_rank_found_broken_is_skipped_on_every_rank(two):
     """The ranks agree: whole here but not on another rank means not whole (they must load the same one)."""
-    answers = iter([False, True])
-    folder, lines = newest_whole(two, agree=lambda ok: ok and next(answers))
+    other_rank = iter(["its manifest manifest_rank0.json is unreadable (JSONDecodeError)", None])
+    folder, lines = newest_whole(two, gather=lambda reason: [reason, next(other_rank)])
     assert folder == two[1]
-    assert lines == [f"[s] checkpoint {two[0]} skipped: another rank found its copy incomplete."]
+    assert lines == [f"[s] checkpoint {two[0]} skipped: its manifest manifest_rank0.json is unreadable "
+                     f"(JSONDecodeError) (in the copy of rank 1)."]
 
 
 def test_no_recorded_checkpoint_means_epoch_0_without_a_line():
