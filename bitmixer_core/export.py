@@ -34,7 +34,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import durable
 from .layers import QuantizedLayerMixin
 from .quantizer import integer_range
 
@@ -344,39 +344,8 @@ def export_meta_network(
     }, separators=(",", ":")).encode()
     body = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(header)) + header + payload
     blob = body + hashlib.sha256(body).digest()
-    _write_atomically(os.fspath(path), blob)
+    durable.write_bytes(path, blob)
     return ExportReport(len(blob), fp32_state_dict_bytes(model), packed_bytes, choice_bytes, verbatim, total_quantized)
-
-
-def _fsync_folder(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: str, blob: bytes) -> None:
-    """Temp file in the same folder, fsync, rename, fsync the folder (the orchestrator's
-    `orchestrator.atomic` does the same; the core imports only torch and numpy)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_folder(directory)  # the rename itself survives a power cut
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_artifact(path: str | os.PathLike) -> tuple[dict[str, Any], memoryview]:

@@ -1,4 +1,4 @@
-"""The one way the orchestrator writes a file or a folder: whole or not at all.
+"""The one way the orchestrator writes a file or a folder: whole or not at all (on `bitmixer_core.durable`).
 
 A file is written under a temporary name in its own folder (`<name>.tmp-<pid>`), flushed and fsynced,
 renamed over the final name, and the folder is fsynced so the rename itself survives a power cut. A
@@ -24,43 +24,13 @@ import shutil
 from pathlib import Path
 from typing import IO, Iterator
 
-TMP_MARK = ".tmp-"
+from bitmixer_core.durable import TMP_MARK, commit, fsync_file, fsync_folder, temporary_name
+
 STAGING_MARK = ".staging-"
 OLD_MARK = ".old-"
 
-
-def temporary_name(final: str | os.PathLike) -> Path:
-    """Same folder as `final` (so the rename is atomic), unique per process, never ending like `final`."""
-    final = Path(final)
-    return final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}")
-
-
-def fsync_folder(folder: str | os.PathLike) -> None:
-    """Make a rename inside `folder` durable (a no-op where folders cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def commit(temporary: str | os.PathLike, final: str | os.PathLike) -> Path:
-    """fsync `temporary`, rename it over `final`, fsync the folder."""
-    temporary, final = Path(temporary), Path(final)
-    _fsync_file(temporary)
-    os.replace(temporary, final)
-    fsync_folder(final.parent)
-    return final
+__all__ = ["TMP_MARK", "STAGING_MARK", "OLD_MARK", "temporary_name", "fsync_folder", "commit", "atomic_path",
+           "atomic_file", "write_bytes", "write_text", "copy_file", "remove_stale", "staged_folder"]
 
 
 @contextlib.contextmanager
@@ -183,7 +153,7 @@ def staged_folder(final: str | os.PathLike, *, drop: tuple[str, ...] = ()) -> It
         yield staging
         for entry in staging.rglob("*"):
             if entry.is_file():
-                _fsync_file(entry)
+                fsync_file(entry)
         if final.is_dir():
             for entry in list(final.iterdir()):
                 stale = TMP_MARK in entry.name or STAGING_MARK in entry.name
