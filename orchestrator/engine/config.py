@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from orchestrator.data.config import DataConfig
 from orchestrator.tracking.config import TrackingConfig
@@ -177,22 +177,25 @@ ZERO_THREE_REFUSED = ("zero_stage 3 is not supported: ZeRO-3 partitions every pa
                       "zero_stage 0, 1 or 2 (the meta-network fits on one device).")
 
 
+def _refuse_zero_three(value):
+    if value == 3:
+        raise ValueError(ZERO_THREE_REFUSED)
+    return value
+
+
+# One rule wherever a ZeRO stage is written (stage config and pipeline YAML): 3 is refused in one sentence.
+ZeroStage = Annotated[Literal[0, 1, 2], BeforeValidator(_refuse_zero_three)]
+
+
 class DeepSpeedConfig(BaseModel):
     """The DeepSpeed engine of every worker; the JSON config is generated from this (engine/deepspeed_config)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    zero_stage: Literal[0, 1, 2] = Field(1, description="ZeRO stage (0, 1 or 2; 3 is refused, see below).")
+    zero_stage: ZeroStage = Field(1, description="ZeRO stage (0, 1 or 2; 3 is refused in one sentence).")
     grad_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     bf16_on_gpu: bool = Field(True, description="bf16 mixed precision on GPU (CPU always trains in fp32).")
     gradient_clipping: float = Field(0.0, ge=0, description="Max gradient norm (0 = off).")
-
-    @field_validator("zero_stage", mode="before")
-    @classmethod
-    def _no_zero_three(cls, value):
-        if value == 3:
-            raise ValueError(ZERO_THREE_REFUSED)
-        return value
 
 
 class ScalingConfig(BaseModel):

@@ -17,9 +17,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.data.config import DataConfig
-from orchestrator.engine.config import (ZERO_THREE_REFUSED, DeepSpeedConfig, DistillConfig, ModelConfig,
+from orchestrator.engine.config import (DeepSpeedConfig, DistillConfig, ModelConfig,
                                         OptimConfig, PolicyConfig, ScalingConfig, StageConfig, check_bit_sets,
-                                        check_storage_path, known_architecture)
+                                        check_storage_path, known_architecture, ZeroStage)
 
 STAGE_NAMES = ("zero", "one", "two", "three")
 Teacher = Literal["none", "stage_one", "fp32"]
@@ -222,15 +222,8 @@ class ScalingSpec(ScalingConfig):
 
     gpus_per_worker: float = Field(0.0, ge=0)
     trial_cpus: float = Field(1.0, ge=0)
-    zero_stage: DeepSpeedConfig.model_fields["zero_stage"].annotation = _same(DeepSpeedConfig, "zero_stage")
+    zero_stage: ZeroStage = _same(DeepSpeedConfig, "zero_stage")
     max_failures: int = _same(StageConfig, "max_failures")
-
-    @field_validator("zero_stage", mode="before")
-    @classmethod
-    def _no_zero_three(cls, value):
-        if value == 3:
-            raise ValueError(ZERO_THREE_REFUSED)
-        return value
 
 
 class TrackingSpec(Strict):
