@@ -330,5 +330,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", loop_config["torch_extensions_dir"])
     clear_stale_build_locks(os.environ["TORCH_EXTENSIONS_DIR"])
+    from orchestrator.data.compile_cache import enable_compile_cache
+    enable_compile_cache()  # the loaders' numba code compiled once per machine, not once per worker
     StageWorker(cfg, run_id=loop_config["run_id"], run_dir=loop_config.get("run_dir"),
                 callbacks=loop_config.get("callbacks") or ()).run()

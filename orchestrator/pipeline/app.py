@@ -185,6 +185,7 @@ def run_pipeline(cfg: PipelineConfig, *, log=print, retrain: bool = False) -> Pi
 def _run_pipeline(cfg: PipelineConfig, *, log, retrain: bool) -> PipelineReport:
     from mlflow.tracking import MlflowClient
 
+    from orchestrator.data.compile_cache import CACHE_DIR_VARIABLE, compile_cache_dir
     from orchestrator.engine.stage import torch_extensions_dir
     from orchestrator.tracking.reachability import check_tracking_reachable
     from orchestrator.tracking.config import TrackingConfig
@@ -226,6 +227,7 @@ def _run_pipeline(cfg: PipelineConfig, *, log, retrain: bool) -> PipelineReport:
         client.log_text(run_id, redact_text(dump_pipeline_config(cfg)), "config/pipeline.yaml")
 
         env_vars = {"MLFLOW_TRACKING_URI": tracking_uri, "TORCH_EXTENSIONS_DIR": torch_extensions_dir(),
+                    CACHE_DIR_VARIABLE: compile_cache_dir(),  # FFCV's numba code, compiled once per machine
                     "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
                     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
         # Tracking credentials reach the stage tasks and their workers through the environment only.
