@@ -8,5 +8,8 @@ os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-# DeepSpeed compiles its CPU shared-memory comm op once; later runs reuse it from here.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "bitmixer" / "torch_extensions"))
+# DeepSpeed compiles its CPU shared-memory comm op once per virtual environment; later runs reuse it from here.
+if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from orchestrator.engine.stage import torch_extensions_dir  # noqa: E402
+    os.environ["TORCH_EXTENSIONS_DIR"] = torch_extensions_dir()
