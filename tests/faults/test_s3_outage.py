@@ -19,10 +19,7 @@ import pytest
 from orchestrator.engine.callbacks import StageCallback
 from tests.servers import MLflowServer, MotoServer
 
-pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.skipif(
-    os.environ.get("BITMIXER_S3_OUTAGE_TEST") != "1",
-    reason="known flaky: in 1 of 4 runs the re-run after S3 came back read a corrupt DeepSpeed shard from the "
-           "resumed checkpoint (torch: 'file read failed'); set BITMIXER_S3_OUTAGE_TEST=1 to run it")]
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
 EPOCHS = 2
 BUCKET = "checkpoints"
 
