@@ -4,7 +4,7 @@ Every rank lists the files it put into an epoch's checkpoint folder (relative pa
 files up to HASHED_BYTES) in `manifest_rank<r>.json`, the last file it writes there before Ray uploads the
 folder. A checkpoint is whole when the manifest of every rank is there and every file it lists matches.
 
-On resume each rank takes a local copy of Ray's newest recorded checkpoint and checks it, and the ranks agree
+On resume each rank checks Ray's newest recorded checkpoint (a remote one in a local copy), and the ranks agree
 (a checkpoint whole on one rank but not on another is not whole); a checkpoint that is not whole is skipped
 with one line saying why, and the one recorded before it is tried; when none is whole the stage starts
 again from epoch 0, and says so.
