@@ -11,5 +11,5 @@ os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 # DeepSpeed compiles its CPU shared-memory comm op once per virtual environment; later runs reuse it from here.
 if not os.environ.get("TORCH_EXTENSIONS_DIR"):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from orchestrator.engine.stage import torch_extensions_dir  # noqa: E402
+    from orchestrator.engine.build_cache import torch_extensions_dir  # noqa: E402
     os.environ["TORCH_EXTENSIONS_DIR"] = torch_extensions_dir()

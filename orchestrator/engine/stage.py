@@ -2,16 +2,15 @@
 whose workers run `worker.train_loop_per_worker`, fetch the consolidated model.pt, close the run."""
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from orchestrator import atomic
 from orchestrator.data.folder import check_data_folder
+from orchestrator.engine.build_cache import torch_extensions_dir
 from orchestrator.engine.callbacks import StageCallback
 from orchestrator.engine.checkpoint import MODEL_FILE
 from orchestrator.engine.config import StageConfig, config_hash
@@ -34,17 +33,6 @@ class StageResult:
 
 
 WORKER_GROUP_START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # ray.train.v2 constants
-
-
-def torch_extensions_dir() -> str:
-    """A stable cache for DeepSpeed's compiled ops (shm-comm takes 35-50 s to build the first time):
-    $TORCH_EXTENSIONS_DIR, else one folder per Python environment under ~/.cache/bitmixer/torch_extensions.
-    The op's build command names the environment's include paths, so two checkouts (two virtual
-    environments) sharing one folder would each find the other's build stale and rebuild it, every time."""
-    if os.environ.get("TORCH_EXTENSIONS_DIR"):
-        return os.environ["TORCH_EXTENSIONS_DIR"]
-    environment = hashlib.sha256(str(Path(sys.prefix).resolve()).encode()).hexdigest()[:12]
-    return str(Path.home() / ".cache" / "bitmixer" / "torch_extensions" / f"env-{environment}")
 
 
 def _ensure_ray(cfg: StageConfig) -> None:

@@ -329,6 +329,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if not cfg.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", loop_config["torch_extensions_dir"])
+    from orchestrator.engine.build_cache import use_environment_build_tools
+    use_environment_build_tools()  # the environment's ninja, as in every other process: no rebuild
     clear_stale_build_locks(os.environ["TORCH_EXTENSIONS_DIR"])
     from orchestrator.data.compile_cache import enable_compile_cache
     enable_compile_cache()  # the loaders' numba code compiled once per machine, not once per worker
