@@ -62,3 +62,17 @@ def test_trial_config_changes_only_the_swept_values():
     other = trial_config(base, 0.6667, 3, "cosine", "sweep-run")
     assert config_hash(trial) != config_hash(other)  # each trial is found done by its own hash
     assert config_hash(trial) == config_hash(trial_config(base, 0.8, 3, "cosine", "another-sweep-run"))
+
+
+def test_the_embedded_presets_sweep_trials_run_at_the_same_time_on_two_cores(monkeypatch):
+    """The default run's critical path is Stage I -> II -> the sweep: on the 2-core machine both trials of a
+    sweep must fit at once (trial process + its 2 workers), not one after the other, and four stages'
+    worker groups must fit side by side, so that one stage's start-up fills another's idle time."""
+    import ray
+
+    from orchestrator.pipeline.sweep import _trials_that_fit
+    cfg = load_pipeline_config(CONFIGS / "embedded.yaml")
+    base = build_plan(cfg, data_path="/d", tracking_uri="sqlite:////tmp/x.db").nodes["resnet_tiny/main/three"].config
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    assert _trials_that_fit(base, cfg.scaling.trial_cpus) >= cfg.sweep.num_trials == 2
+    assert 2.0 // (cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) >= 4
