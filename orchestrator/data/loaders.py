@@ -23,11 +23,11 @@ validation set exactly once.
 
 FFCV hands out uint8 batches (decoded, cropped and flipped straight to the final size, an NCHW view of its
 NHWC buffer: no copy); `NormalizeImages` turns them into float32 normalised images where they are consumed,
-as two tensor passes (a converting copy, one multiply-add): on CUDA the uint8 batch moves with `non_blocking=True` inside the FFCV pipeline and is
-normalised on the GPU; on CPU it is normalised in the training process. The result is channels-last when
-`cfg.channels_last`, contiguous NCHW otherwise. Batches are reused buffers on CPU (FFCV's, then a ring of
-two normalised ones): `.clone()` anything kept past the next iteration. The CUDA path has not been run on
-a GPU in this repository yet.
+in two tensor passes (a converting copy, one multiply-add): on CUDA the uint8 batch moves with
+`non_blocking=True` inside the FFCV pipeline and is normalised on the GPU; on CPU it is normalised in the
+training process. The result is channels-last when `cfg.channels_last`, contiguous NCHW otherwise. Batches
+are reused buffers on CPU (FFCV's, then a small ring of normalised ones): `.clone()` anything kept past the
+next iteration. The CUDA path has not been run on a GPU in this repository yet.
 """
 
 from __future__ import annotations
@@ -74,14 +74,14 @@ class NormalizeImages:
     innermost memory dimension of the output (a row of W pixels x 3 channels when channels-last, a whole
     H x W plane otherwise), so both passes run as plain vectorised loops. On CPU the output lives in a ring of
     `buffers` reused batches, like FFCV's own (a fresh ~40 MB tensor per batch costs more in page faults than
-    the arithmetic): a batch stays valid for one more iteration, so `.clone()` anything kept longer. On CUDA
-    each batch is a fresh tensor (the caching allocator makes that free).
+    the arithmetic): a batch stays valid for `buffers - 1` more iterations; `.clone()` anything kept past the
+    next one. On CUDA each batch is a fresh tensor (the caching allocator makes that free).
 
     Against FFCV's former CPU normalisation (a float32 lookup table computed in float64) every value differs
     by at most a few float32 roundings: see tests/data/test_normalisation.py for the bound.
     """
 
-    def __init__(self, cfg: DataConfig, buffers: int = 2):
+    def __init__(self, cfg: DataConfig, buffers: int = 3):
         mean = torch.tensor(cfg.mean, dtype=torch.float64)
         std = torch.tensor(cfg.std, dtype=torch.float64)
         self.scale = (1 / (255 * std)).to(torch.float32)
