@@ -90,7 +90,7 @@ class NormalizeImages:
         self.buffers = buffers
         self._ring: list[torch.Tensor] = []
         self._next = 0
-        self._rows: dict = {}  # (device, row length) -> (scale, shift) repeated along one row of the output
+        self._rows: dict = {}  # (device, repeats, plane) -> (scale, shift) laid out along one row of the output
 
     def _output(self, images: torch.Tensor) -> torch.Tensor:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -117,7 +117,7 @@ class NormalizeImages:
         out.copy_(images)
         n, c, h, w = out.shape
         if self.channels_last:
-            rows = out.permute(0, 2, 3, 1).reshape(n * h, w * c)  # a view: NHWC memory, one image row per row
+            rows = out.permute(0, 2, 3, 1).view(n * h, w * c)  # NHWC memory, one image row per row
             scale, shift = self._constants(out.device, w, 1)
         else:
             rows = out.view(n, c * h * w)  # one image per row: channel planes one after the other
