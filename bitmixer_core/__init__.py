@@ -13,7 +13,7 @@ from .assignment import (
 from .bitwidths import BitWidths
 from .distillation import distillation_loss
 from .evaluation import evaluate_fixed_bits, evaluate_random_bits
-from .layers import QConv2d, QLinear, QuantizedLayerMixin, step_size_parameters
+from .layers import QConv2d, QLinear, QuantizedLayerMixin, set_reference_path, step_size_parameters
 from .models import available_models, build_model
 from .policies import StagePolicy
 from .stages import STAGES, Stage, get_stage
@@ -24,7 +24,7 @@ from .transitional_bn import TransitionalBatchNorm2d, load_across_bn_modes, seed
 __all__ = [
     "quantize", "quantize_nested", "QuantizerOptions", "initial_step_size",
     "BitWidths",
-    "QConv2d", "QLinear", "QuantizedLayerMixin", "step_size_parameters",
+    "QConv2d", "QLinear", "QuantizedLayerMixin", "step_size_parameters", "set_reference_path",
     "TransitionalBatchNorm2d", "seed_mixed_transitions", "load_across_bn_modes",
     "quantized_layers", "set_bits", "get_bits", "set_block_bits", "residual_blocks", "set_quantization",
     "BitAssignment", "apply_assignment",

@@ -40,6 +40,9 @@ class QuantizedLayerMixin:
         self.register_buffer("activation_step_initialized", torch.zeros(n, dtype=torch.bool))
         self._activation_steps_ready = False  # Python cache of activation_step_initialized.all()
         self._calibrating = False
+        # True: the eager reference path (whole-tensor quantizer passes, every ReLU before this layer kept);
+        # False: the faster path with the same outputs (set_reference_path, tests/core/test_fast_path.py).
+        self.reference_path = False
         self.register_load_state_dict_post_hook(_forget_ready_cache)
         self.reset_weight_step_sizes()
 
@@ -108,7 +111,20 @@ class QuantizedLayerMixin:
             return quantize_nested(x, log_steps[-1].exp(), bits, bit_set[-1], rounding=q.rounding,
                                    symmetric=q.symmetric, signed=signed, gradient_numel=numel)
         return quantize(x, log_steps[self._bit_index].exp(), bits, rounding=q.rounding, symmetric=q.symmetric,
-                        signed=signed, gradient_numel=numel)
+                        signed=signed, gradient_numel=numel, blocked=not self.reference_path)
+
+    def rectifies_input(self) -> bool:
+        """Whether this layer's forward and backward treat every negative input exactly as 0, so that a ReLU
+        just before it changes nothing and may be skipped: its activations are quantized into the unsigned
+        range [0, 2**b - 1] with one step size per bit-width (Eq. 2's fused quantizer, where x <= 0 gives
+        the state 0 and, the edge counting as outside, a zero gradient for x and the step size's clip-bound
+        term 0 * g), and no step size is about to be initialised from this input (that reads the input's
+        values, so it must see them rectified)."""
+        if self.reference_path or not self.quantize_activations or self.signed_input:
+            return False
+        if self.quantizer.nesting != "scale" or self._calibrating:
+            return False
+        return self._activation_steps_ready or not self.training
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantize_activations:
@@ -158,6 +174,15 @@ class QLinear(QuantizedLayerMixin, nn.Linear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self.quantization_repr()
+
+
+def set_reference_path(model: nn.Module, reference: bool = True) -> None:
+    """Run every quantized layer of `model` on the eager reference path (True) or the fast path (False, the
+    default). Both give the same outputs and the same gradients, except the step sizes' gradients, which
+    agree within float32 rounding (the fast path sums their dot products block by block)."""
+    for m in model.modules():
+        if isinstance(m, QuantizedLayerMixin):
+            m.reference_path = bool(reference)
 
 
 def step_size_parameters(model: nn.Module) -> list[nn.Parameter]:
