@@ -6,8 +6,8 @@ same network built from plain nn.Conv2d / nn.BatchNorm2d, in the same process.
 Steps are interleaved (fast path, reference path, plain, fast path, ...) so that drifts in machine load hit
 all of them; the figure is the median of the per-round time ratios, for wall-clock time and for this
 process's CPU time (the latter is the steadier figure on a machine shared with other jobs). The reference
-path (layers.set_reference_path: whole-tensor quantizer passes, every ReLU kept) is the same network with
-the same weights and outputs; it gives the before figure in the same run. The Stage III sub-net is redrawn (layer-wise, k = 0.75) before
+path (layers.set_reference_path: every ReLU kept) is the same network with the same weights, outputs and
+gradients; it gives the before figure in the same run. The Stage III sub-net is redrawn (layer-wise, k = 0.75) before
 every quantized step, as in training. `--profile` then prints where a Stage III step and a plain step spend
 their CPU time (torch.profiler, the operators with the most self time over 3 steps of each)."""
 

@@ -40,8 +40,8 @@ class QuantizedLayerMixin:
         self.register_buffer("activation_step_initialized", torch.zeros(n, dtype=torch.bool))
         self._activation_steps_ready = False  # Python cache of activation_step_initialized.all()
         self._calibrating = False
-        # True: the eager reference path (whole-tensor quantizer passes, every ReLU before this layer kept);
-        # False: the faster path with the same outputs (set_reference_path, tests/core/test_fast_path.py).
+        # True: the reference path (every ReLU before this layer kept); False: the faster path with the same
+        # outputs and gradients (rectifies_input; set_reference_path; tests/core/test_fast_path.py).
         self.reference_path = False
         self.register_load_state_dict_post_hook(_forget_ready_cache)
         self.reset_weight_step_sizes()
@@ -111,7 +111,7 @@ class QuantizedLayerMixin:
             return quantize_nested(x, log_steps[-1].exp(), bits, bit_set[-1], rounding=q.rounding,
                                    symmetric=q.symmetric, signed=signed, gradient_numel=numel)
         return quantize(x, log_steps[self._bit_index].exp(), bits, rounding=q.rounding, symmetric=q.symmetric,
-                        signed=signed, gradient_numel=numel, blocked=not self.reference_path)
+                        signed=signed, gradient_numel=numel)
 
     def rectifies_input(self) -> bool:
         """Whether this layer's forward and backward treat every negative input exactly as 0, so that a ReLU
@@ -177,9 +177,9 @@ class QLinear(QuantizedLayerMixin, nn.Linear):
 
 
 def set_reference_path(model: nn.Module, reference: bool = True) -> None:
-    """Run every quantized layer of `model` on the eager reference path (True) or the fast path (False, the
-    default). Both give the same outputs and the same gradients, except the step sizes' gradients, which
-    agree within float32 rounding (the fast path sums their dot products block by block)."""
+    """Run `model` on the reference path (True: every ReLU kept) or the fast path (False, the default: a ReLU
+    that the next layer's quantizer makes redundant is skipped). Both give the same outputs and gradients,
+    bit for bit."""
     for m in model.modules():
         if isinstance(m, QuantizedLayerMixin):
             m.reference_path = bool(reference)

@@ -115,71 +115,27 @@ class _LinearQuantize(torch.autograd.Function):
     Backward uses  dq/dx = 1 strictly inside (lo, hi), else 0  and, since q = alpha * q'(v),
         sum_i g_i dq_i/dalpha = sum_i g_i (q'(v_i) - v_i [inside]) = (g . q - (g [inside]) . x) / alpha,
     i.e. two dot products with tensors that exist anyway (the output is also what the conv saves).
-    At exactly a clip edge the value is the bound, so the edge counts as outside (gradient 0 for x).
-
-    `block` > 0 (CPU only): every pass runs over one block of `block` elements of each tensor before the
-    next block, so the forward's four passes and the backward's three read memory about once, and the
-    rest from cache. The element-wise results (output, gradient of x) are bit for bit those of the
-    whole-tensor passes (block = 0, the reference); the two dot products are summed block by block, i.e.
-    in another order, so the step-size gradient differs from the reference within a float32 sum's
-    rounding bound (tests/core/test_fast_path.py)."""
+    At exactly a clip edge the value is the bound, so the edge counts as outside (gradient 0 for x)."""
 
     @staticmethod
-    def forward(ctx, x, alpha, lo: int, hi: int, rounding: str, scale: float, block: int = 0):
-        ctx.lo, ctx.hi, ctx.scale = lo, hi, scale
-        ctx.block = block if _blocked(x, block) and rounding != "sign" else 0
-        if ctx.block:
-            x = x.contiguous()
-            out = torch.empty_like(x)
-            for xs, os in zip(_blocks(x, ctx.block), _blocks(out, ctx.block)):
-                torch.div(xs, alpha, out=os)
-                _levels_(os.clamp_(lo, hi), rounding).mul_(alpha)
-        else:
-            v = torch.div(x, alpha).clamp_(lo, hi)
-            out = _levels_(v, rounding).mul_(alpha)
+    def forward(ctx, x, alpha, lo: int, hi: int, rounding: str, scale: float):
+        v = torch.div(x, alpha).clamp_(lo, hi)
+        out = _levels_(v, rounding).mul_(alpha)
         ctx.save_for_backward(x, alpha, out)
+        ctx.lo, ctx.hi, ctx.scale = lo, hi, scale
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, alpha, out = ctx.saved_tensors
         grad = grad.contiguous()
-        want_alpha = ctx.needs_input_grad[1]
-        if ctx.block:  # the same passes, one cache-sized block of every tensor at a time
-            a = float(alpha.detach())
-            low, high = min(ctx.lo * a, ctx.hi * a), max(ctx.lo * a, ctx.hi * a)
-            grad_x = torch.empty_like(grad)
-            g_dot_q, gx_dot_x = [], []
-            for gs, xs, qs, gxs in zip(*(_blocks(t, ctx.block) for t in (grad, x, out, grad_x))):
-                torch.ops.aten.hardtanh_backward.grad_input(gs, xs, low, high, grad_input=gxs)
-                if want_alpha:
-                    g_dot_q.append(torch.dot(gs, qs))
-                    gx_dot_x.append(torch.dot(gxs, xs))
-            if want_alpha:
-                g_dot_q, gx_dot_x = torch.stack(g_dot_q).sum(), torch.stack(gx_dot_x).sum()
-        else:
-            grad_x = _straight_through(grad, x, alpha, ctx.lo, ctx.hi)
-            if want_alpha:
-                g_dot_q = torch.dot(grad.reshape(-1), out.reshape(-1))
-                gx_dot_x = torch.dot(grad_x.reshape(-1), x.reshape(-1))
-        grad_alpha = ((g_dot_q - gx_dot_x) / alpha * ctx.scale).reshape(alpha.shape) if want_alpha else None
-        return (grad_x if ctx.needs_input_grad[0] else None), grad_alpha, None, None, None, None, None
-
-
-# Elements per block of the blocked CPU passes: 256 KiB of float32, so the four tensors the backward pass
-# reads and writes together stay in a core's L2 cache (2 MiB here); 0 turns blocking off everywhere.
-BLOCK_ELEMENTS = 1 << 16
-
-
-def _blocked(x: torch.Tensor, block: int) -> bool:
-    """Whether the blocked passes apply: on CPU (where passes over memory, not arithmetic, cost the time) and
-    for tensors larger than one block."""
-    return bool(block) and x.device.type == "cpu" and x.numel() > block
-
-
-def _blocks(t: torch.Tensor, block: int) -> list[torch.Tensor]:
-    """Consecutive views of at most `block` elements over a contiguous tensor (the last one shorter)."""
-    return list(t.view(-1).split(block))
+        grad_x = _straight_through(grad, x, alpha, ctx.lo, ctx.hi)
+        grad_alpha = None
+        if ctx.needs_input_grad[1]:
+            g_dot_q = torch.dot(grad.reshape(-1), out.reshape(-1))
+            gx_dot_x = torch.dot(grad_x.reshape(-1), x.reshape(-1))
+            grad_alpha = ((g_dot_q - gx_dot_x) / alpha * ctx.scale).reshape(alpha.shape)
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_alpha, None, None, None, None
 
 
 def _straight_through(grad: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, lo: int, hi: int,
@@ -221,22 +177,19 @@ def quantize(
     symmetric: bool = True,
     signed: bool = True,
     gradient_numel: int | None = None,
-    blocked: bool = True,
 ) -> torch.Tensor:
     """Eq. 2: alpha * q'(clip(x / alpha, lo, hi)), with the LSQ gradients.
 
     gradient_numel is the N of LSQ's gradient scale 1/sqrt(N * Q_P); it defaults to x.numel()
     (right for weights); layers pass the per-sample feature count for activations. signed=False is the
-    range [0, 2**b - 1] for inputs that are never negative. blocked=False runs the whole-tensor passes,
-    the reference of the blocked CPU passes (see _LinearQuantize).
+    range [0, 2**b - 1] for inputs that are never negative.
     """
     _check_bits(bits)
     _check_rounding(rounding)
     numel = x.numel() if gradient_numel is None else gradient_numel
     lo, hi = integer_range(bits, symmetric, signed)
     q_prime = "sign" if bits == 1 and signed else rounding
-    return _LinearQuantize.apply(x, alpha, lo, hi, q_prime, lsq_gradient_scale(numel, bits, signed),
-                                 BLOCK_ELEMENTS if blocked else 0)
+    return _LinearQuantize.apply(x, alpha, lo, hi, q_prime, lsq_gradient_scale(numel, bits, signed))
 
 
 def quantize_nested(
