@@ -295,7 +295,9 @@ def main() -> None:
             lambda: build_train_loader(cfg, rank=0, world_size=1, device=torch.device("cpu"), distributed=False),
             args.epochs,
         )
-        previous = time_epochs(lambda: ffcv_normalising_in_its_pipeline(cfg), args.epochs) if args.previous_ffcv else None
+        previous = None
+        if args.previous_ffcv:
+            previous = time_epochs(lambda: ffcv_normalising_in_its_pipeline(cfg), args.epochs)
     result = {
         "settings": vars(args) | {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                   "load_average_before": load_before, "load_average_after": os.getloadavg()},
