@@ -41,7 +41,8 @@ def val_batches(data_cfg, limit: int = MAX_BATCHES) -> list[tuple[torch.Tensor, 
     from orchestrator.data.loaders import build_val_loader
 
     loader = build_val_loader(data_cfg, rank=0, world_size=1, device=torch.device("cpu"))
-    return [(x[:MAX_IMAGES].float(), y[:MAX_IMAGES]) for x, y in itertools.islice(iter(loader), limit)]
+    # Copies: the loader hands out reused buffers, which a later batch would overwrite.
+    return [(x[:MAX_IMAGES].float().clone(), y[:MAX_IMAGES].clone()) for x, y in itertools.islice(iter(loader), limit)]
 
 
 def log_stage_analysis(model_uri: str, run_id: str, batches: Sequence, *, tracking_uri: str | None,
