@@ -199,60 +199,36 @@ def test_stage_run_never_shows_the_password(server, digits, tmp_path, monkeypatc
     assert SECRET not in out and SECRET not in err
 
 
-def _ray_log_lines_about(error: BaseException, limit: int = 40) -> str:
-    """The lines of the last Ray session's logs that name the dead actor (for the failure report)."""
-    import re
-
-    import ray
-    found = re.search(r"actor_id: ([0-9a-f]+)", str(error))
-    node = ray._private.worker._global_node  # the session still running
-    logs = Path(node.get_logs_dir_path()) if node is not None else Path("/nonexistent")
-    if not found or not logs.is_dir():
-        return "(no actor id or no session logs)"
-    lines = [f"{path.name}: {line.strip()}" for path in sorted(logs.glob("*")) if path.is_file()
-             for line in path.read_text(errors="replace").splitlines() if found.group(1) in line]
-    return "\n".join(lines[-limit:]) or "(nothing about it)"
-
-
-def test_a_real_stage_run_never_shows_the_password(server, digits, tmp_path, capfd, no_tracking_credentials):
+def test_a_real_stage_run_never_shows_the_password(server, digits, tmp_path, no_tracking_credentials):
     """One real stage (local Ray, 2 Train workers, DeepSpeed, FFCV, 1 epoch on the embedded digits) against
-    the basic-auth server with tracking_uri http://user:secret@...: it finishes (rank 0 logged metrics,
-    tables and model.pt with the credentials it inherited from the environment), and the secret is in
-    none of stdout/stderr (the workers' output included), the run's params, tags or text artifacts."""
-    import ray
+    the basic-auth server with tracking_uri http://user:secret@..., driven as a user drives it: by a process
+    of its own that reads the config (so its Ray processes inherit the credentials from its environment). It
+    finishes (rank 0 logged metrics, tables and model.pt with those credentials), and the secret is in none
+    of the driver's output (the workers' output included), the run's params, tags or text artifacts."""
+    import json
+    import subprocess
+    import sys
+
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.engine.config import StageConfig
-    from orchestrator.engine.stage import run_stage
-
-    cfg = StageConfig.model_validate(dict(
+    root = Path(__file__).resolve().parents[2]
+    config, result_file = tmp_path / "stage.json", tmp_path / "result.json"
+    config.write_text(json.dumps(dict(
         name="credentials-real-stage", model=dict(name="resnet_tiny", num_classes=10, stem="small"),
         data=dict(path=digits, train_resolution=32, val_resolution=32, val_crop_ratio=1.0, batch_size=32,
                   num_workers=1),
         optim=dict(epochs=1, warmup_epochs=0.5, lr_peak=5e-3), policy=dict(stage="one"),
         scaling=dict(num_workers=2, cpus_per_worker=0.5),
         tracking=dict(tracking_uri=server.uri_with_credentials, experiment="credentials-real"),
-        storage_path=str(tmp_path / "ray")))
-    assert ray.is_initialized() is False
-    result = None
-    for attempt in range(3):
-        # Started after the config was read: Ray's processes inherit the credentials from the environment.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
-        try:
-            result = run_stage(cfg, retrain=attempt > 0)
-            break
-        except ray.exceptions.ActorDiedError as error:
-            # Ray has been seen to drop the Train controller before it starts on a loaded 2-core machine (an
-            # infrastructure flake, not what this test is about): say what Ray logged, then try again in a
-            # fresh Ray session. The output of every attempt is checked for the secret below.
-            print(f"attempt {attempt + 1}: Train controller died before it ran; Ray's logs say:\n"
-                  + _ray_log_lines_about(error), flush=True)
-            if attempt == 2:
-                raise
-        finally:
-            ray.shutdown()
+        storage_path=str(tmp_path / "ray"))))
+    driver = subprocess.run([sys.executable, "-m", "tests.faults.stage_driver", str(config), str(result_file)],
+                            cwd=root, capture_output=True, text=True, timeout=800)
+    out, err = driver.stdout, driver.stderr
+    assert driver.returncode == 0, (out + err)[-6000:].replace(SECRET, "<the secret>")
+    result = json.loads(result_file.read_text())
+    os.environ[USERNAME_VARIABLE], os.environ[PASSWORD_VARIABLE] = USER, SECRET  # the checks read as the admin
     client = MlflowClient(tracking_uri=server.uri)
-    run = client.get_run(result.mlflow_run_id)
+    run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED" and run.data.metrics  # rank 0 logged its epoch through the auth
     assert not any(SECRET in v for v in [*run.data.params.values(), *run.data.tags.values()])
     downloaded = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts")))
@@ -261,6 +237,5 @@ def test_a_real_stage_run_never_shows_the_password(server, digits, tmp_path, cap
     for path in downloaded.rglob("*"):
         if path.is_file() and path.suffix in (".yaml", ".json", ".txt", ".md", ".csv"):
             assert SECRET not in path.read_text(errors="replace"), path
-    out, err = capfd.readouterr()
     assert "credentials-real-stage" in out + err  # the progress lines were captured
     assert SECRET not in out and SECRET not in err
