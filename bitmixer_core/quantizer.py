@@ -17,8 +17,9 @@ Decisions written down here because the paper leaves them open:
   sign quantizer (a 1-bit asymmetric range {-1, 0} would not be a binary network).
 - Eq. 2's range assumes a signed input (footnote 1). For an input that is never negative (a tensor read
   straight after a ReLU) the `signed=False` range [0, 2**b - 1] uses every state: floor for every b,
-  so 1 bit is the step {0, alpha} instead of a constant sign(x) = +1. The default network feeds every
-  quantizer a signed tensor (models/resnet.py), so this range is for the other block order only.
+  so 1 bit is the step {0, alpha} instead of a constant sign(x) = +1. The default block order
+  (conv_bn_relu, models/resnet.py) feeds every switchable quantizer a post-ReLU tensor and uses this range;
+  the other order (bn_quantize_conv) feeds a signed tensor and uses Eq. 2 as written.
 """
 
 from __future__ import annotations

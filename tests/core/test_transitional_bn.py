@@ -56,16 +56,23 @@ def test_shortcut_conv_has_its_own_bn_keyed_by_its_own_bits():
     assert model.layer2[0].downsample[0].transition == (3, 4)
 
 
-def test_transitional_statistics_depend_on_the_previous_layers_bits():
+# The BN between layer1.0.conv1 (layer l-1) and layer1.0.conv2 (layer l) in each block order.
+BETWEEN_CONV1_AND_CONV2 = {"bn_quantize_conv": "bn2", "conv_bn_relu": "bn1"}
+
+
+@pytest.mark.parametrize("block_order", ["conv_bn_relu", "bn_quantize_conv"])
+def test_transitional_statistics_depend_on_the_previous_layers_bits(block_order):
     """Training-mode passes with layer1.0.conv1 at 2 bits and at 4 bits (conv2 fixed) leave different
     running statistics in the (2, j) and (4, j) entries of the BN between them: the entries track what
-    the previous layer's precision does to the features."""
+    the previous layer's precision does to the features (the default order and BN first)."""
     torch.manual_seed(0)
-    model = build_model("resnet_tiny", num_classes=10, stem="small", block_order="bn_quantize_conv")
+    model = build_model("resnet_tiny", num_classes=10, stem="small", block_order=block_order)
     images = torch.randn(16, 3, 32, 32)
     calibrate_activation_step_sizes(model, images)
     model.train()
-    bn = model.layer1[0].bn2
+    bn = getattr(model.layer1[0], BETWEEN_CONV1_AND_CONV2[block_order])
+    set_bits(model, {"layer1.0.conv1": 2, "layer1.0.conv2": 4})
+    assert bn.transition == (2, 4)
     for bits in (2, 4):
         set_bits(model, 4)
         set_bits(model, {"layer1.0.conv1": bits})
@@ -99,18 +106,24 @@ def test_classic_block_order_keys_bns_by_the_conv_before_and_the_next_block():
     set_bits(model, {"layer1.0.conv1": 2, "layer1.0.conv2": 3, "layer2.0.conv1": 4})
     assert model.layer1[0].bn1.transition == (2, 3)
     assert model.layer1[0].bn2.transition == (3, 4)
+    # The block output feeds two quantized convs of the next block (conv1 and the downsample conv): its BNs
+    # are keyed by conv1 alone, so the downsample conv's bits select nothing.
+    set_bits(model, {"layer2.0.downsample.0": 2})
+    assert model.layer1[0].bn2.transition == (3, 4)
     set_bits(model, 2)
     assert model.bn1.transition == (8, 2)
     assert model.layer4[0].bn2.transition == (2, 8) and model.layer4[0].downsample[1].transition == (2, 8)
 
 
-def test_state_dict_round_trip_keeps_every_pair():
-    """All (i, j) entries are saved in state_dict and loaded back into a fresh model."""
-    source = build_model("resnet_tiny", num_classes=10, stem="small", block_order="bn_quantize_conv")
+@pytest.mark.parametrize("block_order", ["conv_bn_relu", "bn_quantize_conv"])
+def test_state_dict_round_trip_keeps_every_pair(block_order):
+    """All (i, j) entries are saved in state_dict and loaded back into a fresh model (both block orders)."""
+    source = build_model("resnet_tiny", num_classes=10, stem="small", block_order=block_order)
     randomise_entries(source)
     state = source.state_dict()
-    assert sum(k.startswith("layer1.0.bn2.entries.") and k.endswith(".weight") for k in state) == 9
-    target = build_model("resnet_tiny", num_classes=10, stem="small", block_order="bn_quantize_conv")
+    bn = f"layer1.0.{BETWEEN_CONV1_AND_CONV2[block_order]}.entries."
+    assert sum(k.startswith(bn) and k.endswith(".weight") for k in state) == 9
+    target = build_model("resnet_tiny", num_classes=10, stem="small", block_order=block_order)
     target.load_state_dict(state)
     for k, v in target.state_dict().items():
         torch.testing.assert_close(v, state[k], msg=k)
