@@ -298,12 +298,6 @@ class Protocol:
         return self.cfg.data.loader_config(self.data_path).model_copy(update={"seed": seed})
 
 
-def _quantization_initialised(net) -> bool:
-    import bitmixer_core as core
-    layers = [m for m in net.modules() if isinstance(m, core.QuantizedLayerMixin)]
-    return all(bool(m.activation_step_initialized.all()) for m in layers)
-
-
 def train_stage(net, *, stage: str, spec, model_cfg, loaders, seed: int, fixed_bits: int | None = None,
                 teacher=None, distill=None) -> list[float]:
     """Train `net` for one stage as the engine's worker does (minus DeepSpeed): Adam with L2 weight decay
@@ -317,7 +311,7 @@ def train_stage(net, *, stage: str, spec, model_cfg, loaders, seed: int, fixed_b
     from orchestrator.engine.subnets import SubnetSampler
     train_loader, _ = loaders
     core.get_stage(stage).set_precision(net)
-    if stage != "fp32" and not _quantization_initialised(net):
+    if core.get_stage(stage).needs_calibration(net):
         train_loader.set_epoch(0)
         batches = iter(train_loader)
         images = next(batches)[0].clone()

@@ -1,7 +1,7 @@
 """The stages of Bit-Mixer training (section 3.3), and the two baselines trained beside them.
 
-A Stage says what it quantizes, how it draws the sub-net of each iteration, and what it does to a model
-it starts from. Training code, pipelines and result tables name stages by `Stage.key` and print
+A Stage says what it quantizes, how it draws the sub-net of each iteration, what it does to a model it
+starts from (`start_from`) and whether it fits activation step sizes to data first (`needs_calibration`). Training code, pipelines and result tables name stages by `Stage.key` and print
 `Stage.title`; nothing else keeps its own list of stage names.
 
 | key         | title         | weights   | activations | sub-net of each iteration                        |
@@ -21,6 +21,7 @@ from torch import nn
 
 from .assignment import set_quantization
 from .bitwidths import BitWidths
+from .layers import QuantizedLayerMixin
 from .policies import StagePolicy
 from .step_sizes import reinitialize_weight_step_sizes
 from .transitional_bn import seed_mixed_transitions
@@ -58,7 +59,7 @@ class Stage:
         - One bit-width for every layer before, mixed now (Stage I or II -> III): only the uniform (i, i)
           Transitional BN entries ever trained, so every mixed (i, j) entry starts from (i, i), whose
           input came from a layer at the same i bits.
-        Activation step sizes are not touched: they were fitted to data already (see calibration)."""
+        Activation step sizes are not touched: they were fitted to data already (see `needs_calibration`)."""
         done = []
         if self.quantize_weights and not previous.quantize_weights:
             reinitialize_weight_step_sizes(model)
@@ -67,6 +68,15 @@ class Stage:
             seeded = seed_mixed_transitions(model)
             done.append(f"{seeded} mixed Transitional BN entries seeded from uniform ones")
         return done
+
+    def needs_calibration(self, model: nn.Module) -> bool:
+        """Whether this stage must fit activation step sizes to a batch of training data before it trains
+        (`calibrate_activation_step_sizes`): it quantizes activations and some step size has never been fitted.
+        That is the first quantized stage of a chain (Stage I from scratch or after the FP32 network); the
+        stages after it keep the values their predecessor learned, and a resumed stage has them in its
+        checkpoint."""
+        return self.quantize_activations and not all(
+            bool(m.activation_step_initialized.all()) for m in model.modules() if isinstance(m, QuantizedLayerMixin))
 
 
 FP32 = Stage("fp32", "FP32 teacher", quantize_weights=False, quantize_activations=False, subnets="none", short="fp32")

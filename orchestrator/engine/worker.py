@@ -31,12 +31,6 @@ def _device(use_gpu: bool) -> torch.device:
     return torch.device("cpu")
 
 
-def _quantization_initialised(net) -> bool:
-    import bitmixer_core as core
-    layers = [m for m in net.modules() if isinstance(m, core.QuantizedLayerMixin)]
-    return all(bool(m.activation_step_initialized.all()) for m in layers)
-
-
 @torch.no_grad()
 def _broadcast_from_rank0(net) -> None:
     """Make every rank hold rank 0's parameters and buffers (calibration saw a different batch per rank)."""
@@ -196,7 +190,7 @@ class StageWorker:
         self.steps_per_epoch = min(len(self.train_loader), cfg.optim.max_steps_per_epoch or len(self.train_loader))
         total_steps = self.steps_per_epoch * cfg.optim.epochs
         warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
-        if self.stage != "fp32" and self.resume is None and not _quantization_initialised(net):
+        if self.resume is None and core.get_stage(self.stage).needs_calibration(net):
             core.calibrate_activation_step_sizes(net, _first_images(self.train_loader, 0))
         _broadcast_from_rank0(net)
 

@@ -47,3 +47,18 @@ def test_set_precision_switches_every_layer():
     get_stage("fp32").set_precision(model)
     set_bits(model, 2)
     assert model.layer1[0].bn2.transition == (4, 4)  # FP32 uses the (max, max) entries
+
+
+def test_only_a_stage_that_quantizes_activations_not_yet_fitted_needs_calibration():
+    """The first quantized stage of a chain fits the activation step sizes to data; FP32 never does; a stage
+    that starts from a calibrated model (II after I, III after II, Independent after I) keeps them."""
+    from bitmixer_core import calibrate_activation_step_sizes
+    torch.manual_seed(0)
+    model = build_model("resnet_tiny", num_classes=10, stem="small")
+    assert not get_stage("fp32").needs_calibration(model)
+    assert get_stage("one").needs_calibration(model) and get_stage("three").needs_calibration(model)
+    calibrate_activation_step_sizes(model, torch.randn(4, 3, 16, 16))
+    assert not any(stage.needs_calibration(model) for stage in STAGES.values())
+    with torch.no_grad():
+        quantized_layers(model)[-1][1].activation_step_initialized[0] = False  # one step size never fitted
+    assert get_stage("two").needs_calibration(model)
