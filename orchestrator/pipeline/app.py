@@ -68,7 +68,7 @@ def table_outcomes(plan: Plan, outcomes: dict[str, StageOutcome]) -> dict[tuple[
     per_seed: dict[tuple[str, str, str], list[dict]] = {}
     for key, outcome in outcomes.items():
         node = plan.nodes[key]
-        if outcome.ok and node.stage in ("two", "three"):
+        if outcome.ok and node.stage in ("two", "three", "independent"):
             per_seed.setdefault((node.arch, node.variant, node.stage), []).append(
                 per_bit_top1(outcome.metrics, list(node.config.model.bits_activations)))
     return {where: over_seeds(runs) for where, runs in per_seed.items()}

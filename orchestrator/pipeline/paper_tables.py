@@ -31,7 +31,8 @@ class MeanStd:
 
 Cell = float | MeanStd | None
 PerBit = dict[str, float | MeanStd]
-# (architecture, variant, stage) -> top-1 (%) per bit key; stage is "two" or "three".
+# (architecture, variant, stage) -> top-1 (%) per bit key; stage is a core Stage key: "two", "three" or
+# "independent" (variant independent_<b>).
 Outcomes = dict[tuple[str, str, str], PerBit]
 
 PAPER = "paper, ImageNet"
@@ -171,7 +172,7 @@ def table7(outcomes: Outcomes, architectures: list[str], bit_keys: list[str]) ->
         paper = PAPER_TABLE7.get(ref, {})
         label = arch if ref == arch else f"{arch} (paper: {PAPER_NAMES[ref]})"
         for key in [*bit_keys, "rand"]:
-            indep = outcomes.get((arch, f"independent_{key}", "two"), {}).get(key)
+            indep = outcomes.get((arch, f"independent_{key}", "independent"), {}).get(key)
             table.rows.append([
                 label, BIT_LABELS[key],
                 indep, paper.get("indep", {}).get(key), paper.get("adabits", {}).get(key),
@@ -226,7 +227,8 @@ def table2(outcomes: Outcomes, arch: str, main_teacher: str | dict[str, str]) ->
 def table3(outcomes: Outcomes, arch: str) -> Table:
     keys = ["4", "3", "2", "1"]
     t = Table("table3", f"Table 3: {arch}, 4-3-2-1 bit quantization (top-1 %)", ["Method", *_bit_columns(keys)])
-    indep = {k: v for b in keys for k, v in outcomes.get((arch, f"independent_{b}", "two"), {}).items() if k == b}
+    indep = {k: v for b in keys
+             for k, v in outcomes.get((arch, f"independent_{b}", "independent"), {}).items() if k == b}
     return _rows(t, [(["Independent"], indep or None, PAPER_TABLE3["independent"]),
                      (["Adabits [21]"], None, PAPER_TABLE3["adabits"]),
                      (["Ours (Stage II), bits 4-3-2"], outcomes.get((arch, "main", "two")), PAPER_TABLE3["two_432"]),

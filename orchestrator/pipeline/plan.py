@@ -6,9 +6,13 @@ nodes' results when they are done. Building the plan builds every StageConfig, s
 refuses (a batch that does not split over the workers, a fixed bit-width outside the bit set) is reported
 before Ray starts.
 
+A node's stage is a key of the core's stages (bitmixer_core.STAGES: fp32, one, two, three, independent); the
+YAML's stage sections (zero = the FP32 teacher, one, two, three) map to them in SECTION_STAGE, the only place.
+
 Chains ("variants") per architecture, in the paper's words:
-  main                  [zero,] one -> two -> three (three = the Tune sweep when enabled; zero = FP32 teacher)
-  independent_<b>       one network at fixed b bits, from main's Stage I, as long as Stage II (Table 7)
+  main                  [fp32,] one -> two -> three (three = the Tune sweep when enabled; fp32 = the teacher)
+  independent_<b>       one Independent network at fixed b bits, from main's Stage I, as long as Stage II
+                        (Table 7)
   no_transitional_bn    three from main's Stage II, one BN per bit-width of the current layer (Table 1)
   teacher_<t>           two -> three from main's Stage I with another teacher (Table 2)
   bits_4321             its own one -> two with bit set {1,2,3,4} (Table 3; Stage III did not converge)
@@ -51,7 +55,7 @@ class StageNode:
     key: str                       # "<arch>/<variant>/<stage>", unique in the plan
     arch: str
     variant: str
-    stage: str                     # zero / one / two / three (the fixed-bit baselines are "two")
+    stage: str                     # a core Stage key: fp32 / one / two / three / independent
     config: StageConfig            # init_from / teacher_uri are filled in by the runner
     init_after: str | None = None  # key of the node whose model this one starts from
     teacher_after: str | None = None
@@ -118,21 +122,22 @@ class _Builder:
 
     def chain(self, arch: ArchitectureSpec, variant: str, stages: list[str], *, model: ModelConfig,
               teacher: str, start_after: str | None = None, teacher_three: str | None = None) -> None:
-        """Add `stages` of one chain. The FP32 network (zero) is only a teacher: Stage I starts from scratch in
+        """Add `stages` (YAML sections) of one chain. The FP32 network (zero) is only a teacher: Stage I starts from scratch in
         every chain, so that chains whose layers differ (shared BN, other bit sets) compare fairly. Stage II
         learns from `teacher`, Stage III from `teacher_three` (default: the same)."""
         previous = start_after
         for stage in stages:
             spec: StageSpec = getattr(arch.stages, stage)
-            policy = PolicyConfig(stage=SECTION_STAGE[stage])
+            core_stage = SECTION_STAGE[stage]  # the YAML section's core Stage key
+            policy = PolicyConfig(stage=core_stage)
             if isinstance(spec, StageThreeSpec):
                 policy = PolicyConfig(stage="three", k=spec.k, ramp_epochs=spec.ramp_epochs,
                                       ramp_shape=spec.ramp_shape, granularity=spec.granularity)
             stage_teacher = (teacher_three or teacher) if stage == "three" else teacher
             teacher_key = self.teacher_key(arch, variant, stage_teacher) if stage in ("two", "three") else None
-            key = _key(arch.name, variant, stage)
+            key = _key(arch.name, variant, core_stage)
             self.plan.add(StageNode(
-                key=key, arch=arch.name, variant=variant, stage=stage,
+                key=key, arch=arch.name, variant=variant, stage=core_stage,
                 config=self.stage_config(name=f"{arch.name}-{variant}-{stage}", model=model, spec=spec,
                                          policy=policy, teacher=teacher_key is not None,
                                          title=run_name(stage, arch.name, variant)),
@@ -147,7 +152,7 @@ class _Builder:
 
     def teacher_key(self, arch: ArchitectureSpec, variant: str, teacher: str) -> str | None:
         if teacher == "fp32":
-            return _key(arch.name, "main", "zero")
+            return _key(arch.name, "main", "fp32")
         if teacher == "stage_one":
             own = _key(arch.name, variant, "one")
             return own if own in self.plan.nodes else _key(arch.name, "main", "one")
@@ -194,12 +199,12 @@ class _Builder:
                 source = "main" if b in self.cfg.bits.activations else "bits_4321"
                 model = self.model(arch) if source == "main" else self.model(arch, bits=([1, 2, 3, 4],) * 2)
                 name = f"{arch.name}-independent_{b}"
+                variant = f"independent_{b}"
                 self.plan.add(StageNode(
-                    key=_key(arch.name, f"independent_{b}", "two"), arch=arch.name, variant=f"independent_{b}",
-                    stage="two", config=self.stage_config(name=name, model=model, spec=arch.stages.two,
-                                                          policy=PolicyConfig(stage="independent", fixed_bits=b),
-                                                          teacher=False,
-                                                          title=run_name("two", arch.name, f"independent_{b}")),
+                    key=_key(arch.name, variant, "independent"), arch=arch.name, variant=variant, stage="independent",
+                    config=self.stage_config(name=name, model=model, spec=arch.stages.two,
+                                             policy=PolicyConfig(stage="independent", fixed_bits=b), teacher=False,
+                                             title=run_name("independent", arch.name, variant)),
                     init_after=_key(arch.name, source, "one")))
 
     def ablations(self, quantized: list[str]) -> None:

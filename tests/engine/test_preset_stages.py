@@ -101,7 +101,7 @@ def test_every_distinct_stage_of_the_paper_presets_trains_through_the_engine(eng
             assert metrics["global_step"] == 2 and math.isfinite(metrics["train_loss"]), where
             assert (worker.teacher is not None) == (node.teacher_after is not None), where
             top1 = {k: v for k, v in metrics.items() if k.startswith("val/top1_")}
-            expected = ({"val/top1_fp32"} if node.stage == "zero"
+            expected = ({"val/top1_fp32"} if node.stage == "fp32"
                         else {f"val/top1_{b}bit" for b in stage_cfg.model.bits_activations})
             assert set(top1) == expected and all(0 <= v <= 100 for v in top1.values()), where
             assert table is not None
@@ -117,7 +117,7 @@ def test_every_distinct_stage_of_the_paper_presets_trains_through_the_engine(eng
     stages = {k[1] for k in kinds}
     assert {"fp32", "one", "two", "three", "independent"} <= stages
     assert any(k[2] == "per_bit" and k[1] == "three" for k in kinds)               # Table 1
-    assert {k[-1] for k in kinds} >= {"zero", "one", None}                          # FP32 / Stage I / no teacher
+    assert {k[-1] for k in kinds} >= {"fp32", "one", None}                          # FP32 / Stage I / no teacher
     assert any(k[4] == (1, 2, 3, 4) for k in kinds)                                 # Table 3
     assert any(k[3] == (1, 3, 4) and k[4] == (2, 3, 4) for k in kinds)              # Table 4
     assert any(not k[5] and k[6] == "floor" for k in kinds) and any(not k[5] and k[6] == "round" for k in kinds)

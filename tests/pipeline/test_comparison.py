@@ -17,7 +17,7 @@ def test_headline_metrics_are_named_by_architecture_stage_and_bits():
     ablation under its variant's name."""
     per_bit = {("resnet18", "main", "two"): {"4": 69.0, "2": 65.0},
                ("resnet18", "main", "three"): {"4": 68.0, "2": 64.0, "rand": 66.0},
-               ("resnet18", "independent_4", "two"): {"4": 70.0, "2": 10.0},
+               ("resnet18", "independent_4", "independent"): {"4": 70.0, "2": 10.0},
                ("resnet18", "no_transitional_bn", "three"): {"rand": 9.0}}
     assert headline_metrics(per_bit) == {
         "resnet18/stage2/top1_4bit": 69.0, "resnet18/stage2/top1_2bit": 65.0,
@@ -73,7 +73,7 @@ def test_run_names_are_short_distinct_and_start_with_the_stage():
     names = {key: node.config.tracking.run_name for key, node in plan.nodes.items()}
     assert len(set(names.values())) == len(names)
     assert names["resnet_tiny/main/three"] == "stage3 resnet_tiny"
-    assert names["resnet_tiny/independent_4/two"] == "indep resnet_tiny 4bit"
+    assert names["resnet_tiny/independent_4/independent"] == "indep resnet_tiny 4bit"
     assert names["resnet_tiny/no_transitional_bn/three"] == "stage3 resnet_tiny no_transitional_bn"
     assert all(len(n) <= 40 for n in names.values()), names
     trial = trial_config(plan.nodes["ebn_tiny/main/three"].config, 0.6667, 1, "linear", "sweep")

@@ -13,8 +13,8 @@ from orchestrator.pipeline.paper_tables import (MISSING, PAPER, PAPER_TABLE2, PA
 OUTCOMES = {
     ("resnet_tiny", "main", "two"): {"4": 91.0, "3": 90.0, "2": 85.0},
     ("resnet_tiny", "main", "three"): {"4": 90.5, "3": 89.5, "2": 84.0, "rand": 87.0},
-    ("resnet_tiny", "independent_4", "two"): {"4": 92.0},
-    ("resnet_tiny", "independent_2", "two"): {"2": 86.0},
+    ("resnet_tiny", "independent_4", "independent"): {"4": 92.0},
+    ("resnet_tiny", "independent_2", "independent"): {"2": 86.0},
     ("resnet_tiny", "no_transitional_bn", "three"): {"4": 40.0, "3": 30.0, "2": 20.0, "rand": 25.0},
 }
 
@@ -94,7 +94,8 @@ def test_table2_main_chain_fills_its_own_teacher_row():
 
 def test_table3_collects_independent_networks_per_bit():
     """Table 3's Independent row takes each bit-width's figure from that bit-width's own network."""
-    outcomes = {("r", f"independent_{b}", "two"): {**dict.fromkeys("4321", -1.0), b: float(b) * 10} for b in "4321"}
+    outcomes = {("r", f"independent_{b}", "independent"): {**dict.fromkeys("4321", -1.0), b: float(b) * 10}
+                for b in "4321"}
     t = table3(outcomes, "r")
     row = _row(t, "Independent")
     assert row[1::2] == [40.0, 30.0, 20.0, 10.0]

@@ -26,11 +26,12 @@ def test_embedded_plan_chains_each_architecture():
         assert [n.config.policy.stage for n in (one, two, three)] == ["one", "two", "three"]
         assert three.sweep and not two.sweep
     for b in (4, 3, 2):
-        node = plan.nodes[f"resnet_tiny/independent_{b}/two"]
+        node = plan.nodes[f"resnet_tiny/independent_{b}/independent"]
         assert node.init_after == "resnet_tiny/main/one"
         assert (node.config.policy.stage, node.config.policy.fixed_bits) == ("independent", b)
+        assert node.stage == "independent"  # labelled as the Independent baseline, not as a Stage II
         assert node.config.optim.epochs == plan.nodes["resnet_tiny/main/two"].config.optim.epochs
-    assert "ebn_tiny/independent_4/two" not in plan.nodes  # the preset limits it to resnet_tiny
+    assert "ebn_tiny/independent_4/independent" not in plan.nodes  # the preset limits it to resnet_tiny
     # Table 1's "w/o Transitional BN" is Stage III started from the main chain's Stage II model (section 4.1),
     # with one BN per bit-width of the current layer.
     no_tbn = [n for n in plan.nodes.values() if n.variant == "no_transitional_bn"]
@@ -44,7 +45,7 @@ def test_imagenet_preset_distils_stage_two_from_stage_one_and_stage_three_from_f
     plan = _plan("imagenet")
     for arch in ("resnet18", "ebn_4_4_4_4"):
         assert plan.nodes[f"{arch}/main/two"].teacher_after == f"{arch}/main/one"
-        assert plan.nodes[f"{arch}/main/three"].teacher_after == f"{arch}/main/zero"
+        assert plan.nodes[f"{arch}/main/three"].teacher_after == f"{arch}/main/fp32"
         assert plan.nodes[f"{arch}/main/one"].teacher_after is None
 
 
@@ -52,14 +53,14 @@ def test_fp32_teacher_wiring_and_table2_variants():
     """Table 2 runs every teacher for both stages: the main chain (Stage I teacher for II, FP32 for III)
     stands for its own rows, and chains branching from main's Stage I stand for the others."""
     plan = _plan("table2_distillation")
-    assert plan.nodes["resnet18/main/zero"].config.policy.stage == "fp32"
+    assert plan.nodes["resnet18/main/fp32"].config.policy.stage == "fp32"
     assert plan.nodes["resnet18/main/one"].teacher_after is None
     assert plan.nodes["resnet18/main/two"].teacher_after == "resnet18/main/one"
-    assert plan.nodes["resnet18/main/three"].teacher_after == "resnet18/main/zero"
+    assert plan.nodes["resnet18/main/three"].teacher_after == "resnet18/main/fp32"
     for stage in ("two", "three"):
         assert plan.nodes[f"resnet18/teacher_none/{stage}"].teacher_after is None
         assert plan.nodes[f"resnet18/teacher_stage_one/{stage}"].teacher_after == "resnet18/main/one"
-        assert plan.nodes[f"resnet18/teacher_fp32/{stage}"].teacher_after == "resnet18/main/zero"
+        assert plan.nodes[f"resnet18/teacher_fp32/{stage}"].teacher_after == "resnet18/main/fp32"
         assert plan.nodes[f"resnet18/main/{stage}"].config.distill.teacher == "path"
     assert plan.nodes["resnet18/teacher_none/two"].init_after == "resnet18/main/one"
     assert plan.nodes["resnet18/teacher_none/two"].config.distill.teacher == "none"
@@ -71,7 +72,7 @@ def test_bit_set_ablations_build_their_own_networks():
     plan = _plan("table3_bits_4321")
     assert [n.stage for n in plan.nodes.values() if n.variant == "bits_4321"] == ["one", "two"]
     assert plan.nodes["resnet18/bits_4321/one"].config.model.bits_activations == [1, 2, 3, 4]
-    assert plan.nodes["resnet18/independent_1/two"].init_after == "resnet18/bits_4321/one"
+    assert plan.nodes["resnet18/independent_1/independent"].init_after == "resnet18/bits_4321/one"
     model = _plan("table4_ternary_binary").nodes["resnet18/ternary_binary/three"].config.model
     assert (model.bits_weights, model.bits_activations) == ([1, 3, 4], [2, 3, 4])
     t5 = _plan("table5_quantizers").nodes
@@ -119,3 +120,22 @@ def test_table_figures_are_aggregated_over_the_seeds_that_finished():
     outcomes["resnet_tiny/main/two@seed2"] = StageOutcome(key="resnet_tiny/main/two@seed2", status=FAILED)
     merged = table_outcomes(plan, outcomes)[("resnet_tiny", "main", "two")]["2"]
     assert (merged.mean, round(merged.std, 6), merged.n) == (15.0, round(50 ** 0.5, 6), 2)
+
+
+@pytest.mark.parametrize("preset", ["embedded", "imagenet", "table1_no_tbn", "table3_bits_4321"])
+def test_every_node_names_its_stage_by_the_cores_stage_key(preset):
+    """One notion of stage: a node's stage is a key of bitmixer_core.STAGES and the same as its engine
+    policy's (no pipeline vocabulary such as "zero" beside it, no Independent network called "two")."""
+    from bitmixer_core import STAGES
+    for node in _plan(preset).nodes.values():
+        assert node.stage in STAGES and node.stage == node.config.policy.stage, node.key
+
+
+def test_table1_preset_starts_without_transitional_bn_from_the_main_stage_two_model():
+    """table1_no_tbn.yaml: "w/o Transitional BN" is Stage III only, started from the main chain's Stage II
+    model (section 4.1), with one BN per bit-width and the main chain's teacher."""
+    plan = _plan("table1_no_tbn")
+    no_tbn = [n for n in plan.nodes.values() if n.variant == "no_transitional_bn"]
+    assert [n.key for n in no_tbn] == ["resnet18/no_transitional_bn/three"]
+    assert no_tbn[0].init_after == "resnet18/main/two" and no_tbn[0].config.model.bn == "per_bit"
+    assert no_tbn[0].teacher_after == plan.nodes["resnet18/main/three"].teacher_after

@@ -87,7 +87,7 @@ def record_finished_run(tracking_uri: str, work: Path) -> dict[str, str]:
     ids = {"experiment": experiment_id, "pipeline": parent}
     per_bit = {}
     for key, name in (("resnet_tiny/main/two", "stage2"), ("resnet_tiny/main/three", "stage3"),
-                      ("resnet_tiny/independent_4/two", "indep4")):
+                      ("resnet_tiny/independent_4/independent", "indep4")):
         node = plan.nodes[key]
         ids[name] = _stage_run(node.config, parent, work / "checkpoints")
         fixed = node.config.policy.fixed_bits if node.config.policy.stage == "independent" else None
