@@ -133,3 +133,24 @@ def test_subnet_draws_depend_only_on_seed_and_step():
     assert draws_a != [c.draw(s, 1.0).bits for s in steps]
     assert len({bits for bits in draws_a}) > 10  # Stage III at k=0.75: mostly layer-wise, varied draws
     assert step_seed(0, 1) != step_seed(1, 0)
+
+
+def test_the_policy_accepts_exactly_the_cores_stages():
+    """The engine names stages by the core's Stage keys, nothing else (one notion of stage)."""
+    import typing
+
+    from bitmixer_core import STAGES
+    from orchestrator.engine.config import PolicyConfig
+    assert set(typing.get_args(PolicyConfig.model_fields["stage"].annotation)) == set(STAGES)
+
+
+def test_learned_step_sizes_get_no_weight_decay():
+    """The optimizer groups: every (log) step size, and nothing else, in a group with weight decay 0; decay
+    would pull log alpha towards 0 (alpha towards 1) whatever the data says."""
+    from bitmixer_core import build_model, step_size_parameters
+    from orchestrator.engine.deepspeed_config import parameter_groups
+    net = build_model("resnet_tiny", num_classes=10, stem="small", first_last="int8")
+    others, steps = parameter_groups(net)
+    assert "weight_decay" not in others and steps["weight_decay"] == 0.0
+    assert {id(p) for p in steps["params"]} == {id(p) for p in step_size_parameters(net)}
+    assert len(others["params"]) + len(steps["params"]) == len(list(net.parameters()))
