@@ -49,6 +49,19 @@ def test_ablation_presets_switch_on_their_table():
         assert cfg.architectures[0].stages.one.epochs == 160  # inherited from imagenet.yaml
 
 
+def test_fidelity_preset_runs_every_claim_long_enough_over_several_seeds():
+    """fidelity.yaml is what bench/fidelity.py checks the paper's claims on: at least 3 seeds (mean ± std),
+    stages far longer than the 3-epoch default, and every chain a claim reads (the Independent 2-bit network,
+    Table 1 without Transitional BN, Table 3's bits {1, 2, 3, 4})."""
+    cfg = load_pipeline_config(CONFIGS / "fidelity.yaml")
+    assert len(set(cfg.seeds or [])) >= 3
+    for arch in cfg.architectures:
+        assert all(stage.epochs >= 10 for stage in (arch.stages.one, arch.stages.two, arch.stages.three))
+    assert cfg.baselines.independent.enabled and 2 in cfg.baselines.independent.bits
+    assert cfg.ablations.no_transitional_bn and cfg.ablations.bits_4321
+    assert (cfg.bits.weights, cfg.bits.activations) == ([2, 3, 4], [2, 3, 4])
+
+
 def test_misspelt_key_is_named_with_its_path(tmp_path):
     """A misspelt stage setting must be rejected, naming the architecture and stage it sits in."""
     raw = _embedded()

@@ -139,3 +139,21 @@ def test_table1_preset_starts_without_transitional_bn_from_the_main_stage_two_mo
     assert [n.key for n in no_tbn] == ["resnet18/no_transitional_bn/three"]
     assert no_tbn[0].init_after == "resnet18/main/two" and no_tbn[0].config.model.bn == "per_bit"
     assert no_tbn[0].teacher_after == plan.nodes["resnet18/main/three"].teacher_after
+
+
+@pytest.mark.parametrize("preset", ["imagenet", "table1_no_tbn", "table2_distillation", "table3_bits_4321",
+                                    "table4_ternary_binary", "table5_quantizers", "fidelity"])
+def test_smoke_keeps_the_presets_whole_dag(preset):
+    """`full_paper.py --smoke` shrinks sizes only: the same stages, what each starts from and learns from,
+    its policy and its model options (bits, BN mode, quantizer, block order) as the preset (first seed)."""
+    from orchestrator.pipeline.smoke import smoke_config
+
+    def shape(cfg):
+        plan = build_plan(cfg, data_path="/data", tracking_uri="sqlite:////tmp/x.db")
+        return {n.key: (n.stage, n.init_after, n.teacher_after, n.sweep, n.config.policy.stage,
+                        n.config.policy.fixed_bits, n.config.distill.teacher,
+                        n.config.model.model_dump(exclude={"stem", "num_classes"}))
+                for n in plan.nodes.values() if not n.replica}
+
+    cfg = load_pipeline_config(CONFIGS / f"{preset}.yaml")
+    assert shape(smoke_config(cfg)) == shape(cfg)
