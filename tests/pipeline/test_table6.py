@@ -59,3 +59,33 @@ def test_a_failed_search_is_a_warning_not_a_failed_pipeline(tmp_path, capsys):
     assert "WARNING: Table 6 of a not computed" in capsys.readouterr().out
     assert subnet_metrics({"avg_bits=2.5/top_best_top1": 1.0, "bitops<=0.5/top_best_top1": 2.0}) == {
         "subnets/avg2.5/top_best_top1": 1.0}
+
+
+def test_the_pipelines_tables_hold_table6_from_each_architectures_final_model():
+    """The pipeline's tables take Table 6 from the first seed's main Stage III run (the final model the
+    search ran on), never from an ablation or another seed's replica; no search, no Table 6."""
+    from pathlib import Path
+
+    from orchestrator.pipeline.app import subnet_figures, table_outcomes
+    from orchestrator.pipeline.config import load_pipeline_config
+    from orchestrator.pipeline.paper_tables import build_tables
+    from orchestrator.pipeline.plan import build_plan
+    cfg = load_pipeline_config(Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "fidelity.yaml")
+    plan = build_plan(cfg, data_path="/data", tracking_uri="sqlite:////tmp/x.db")
+    searched = {"subnets/avg3/top_best_top1": 77.0, "subnets/avg3/random_mean_top1": 66.0}
+    outcomes = {}
+    for key, node in plan.nodes.items():
+        metrics = {"val/top1_4bit": 90.0, "val/top1_3bit": 85.0, "val/top1_2bit": 80.0}
+        if node.stage == "three":  # only the final model's search may reach the table
+            metrics.update(searched if (node.variant == "main" and not node.replica)
+                           else {k: 1.0 for k in searched})
+        outcomes[key] = StageOutcome(key=key, status=FINISHED, metrics=metrics)
+    subnets = subnet_figures(plan, outcomes)
+    assert subnets == {"resnet_tiny": searched}
+    tables = {t.name: t for t in build_tables(table_outcomes(plan, outcomes), architectures=["resnet_tiny"],
+                                              bit_keys=["4", "3", "2"], ablation_arch="resnet_tiny",
+                                              ablations={}, main_teacher="none", subnets=subnets)}
+    assert 77.0 in tables["table6"].rows[0] and 66.0 in tables["table6"].rows[1]
+    assert "table6" not in {t.name for t in build_tables({}, architectures=["resnet_tiny"], bit_keys=["4", "3", "2"],
+                                                         ablation_arch="resnet_tiny", ablations={},
+                                                         main_teacher="none", subnets={})}
