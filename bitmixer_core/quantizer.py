@@ -143,7 +143,7 @@ def _straight_through(grad: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, 
                       fused: bool | None = None) -> torch.Tensor:
     """grad where lo < x/alpha < hi, else 0. On CPU one fused kernel (hardtanh's backward, which needs the
     bounds as numbers); elsewhere a mask, so that reading alpha never synchronises an accelerator."""
-    # A learned step size may turn negative; the range of x is then [hi * alpha, lo * alpha].
+    # The layers keep alpha positive (learned as log alpha); min/max keep a caller's negative alpha right too.
     if x.device.type == "cpu" if fused is None else fused:
         a = float(alpha.detach())
         return torch.ops.aten.hardtanh_backward(grad, x.contiguous(), min(lo * a, hi * a), max(lo * a, hi * a))
