@@ -120,6 +120,11 @@ def test_table_figures_are_aggregated_over_the_seeds_that_finished():
     outcomes["resnet_tiny/main/two@seed2"] = StageOutcome(key="resnet_tiny/main/two@seed2", status=FAILED)
     merged = table_outcomes(plan, outcomes)[("resnet_tiny", "main", "two")]["2"]
     assert (merged.mean, round(merged.std, 6), merged.n) == (15.0, round(50 ** 0.5, 6), 2)
+    # The Independent networks reach the tables under their own stage (Table 7's Independent column).
+    outcomes["resnet_tiny/independent_2/independent"] = StageOutcome(
+        key="resnet_tiny/independent_2/independent", status=FINISHED, metrics={"val/top1_2bit": 42.0})
+    indep = table_outcomes(plan, outcomes)[("resnet_tiny", "independent_2", "independent")]["2"]
+    assert float(indep) == 42.0
 
 
 @pytest.mark.parametrize("preset", ["embedded", "imagenet", "table1_no_tbn", "table3_bits_4321"])
