@@ -24,6 +24,10 @@ from orchestrator.pipeline.outcome import FINISHED, SKIPPED, StageOutcome, finis
 
 TAG_SWEEP = "bitmixer.sweep_of"
 TAG_BEST_TRIAL = "bitmixer.best_trial"
+# A trial's last report says its stage ran to the end (or was found done). Not Tune's own "done": Tune sets
+# that to True in the last result of a trial its scheduler stopped, and an ASHA-stopped trial (its run KILLED,
+# no model.pt) would then be counted, and could be chosen, as a finished one.
+COMPLETED = "stage_completed"
 
 
 def objective(metrics: dict, bits: list[int], name: str, split: str = HOLDOUT_PREFIX) -> float | None:
@@ -100,7 +104,7 @@ def _trial(config: dict) -> None:
                                                                 cfg.tracking.experiment, digest)
     if done is not None:
         tune.report({"objective": objective(done.metrics, bits, name, _split(cfg)) or 0.0, "epoch": cfg.optim.epochs,
-                     "run_id": done.run_id, "skipped": True, "done": True})
+                     "run_id": done.run_id, "skipped": True, COMPLETED: True})
         return
 
     box: dict = {}
@@ -124,12 +128,12 @@ def _trial(config: dict) -> None:
             if epoch not in reported and epoch < cfg.optim.epochs - 1:
                 reported.add(epoch)
                 tune.report({"objective": score, "epoch": epoch + 1, "run_id": run_id, "skipped": False,
-                             "done": False})
+                             COMPLETED: False})
     if "error" in box:
         raise box["error"]
     result = box["result"]
     tune.report({"objective": objective(result.metrics, bits, name, _split(cfg)) or 0.0, "epoch": cfg.optim.epochs,
-                 "run_id": result.mlflow_run_id, "skipped": False, "done": True})
+                 "run_id": result.mlflow_run_id, "skipped": False, COMPLETED: True})
 
 
 def _trials_that_fit(base: StageConfig, trial_cpus: float) -> int:
@@ -202,7 +206,7 @@ def run_sweep(base: StageConfig, spec: SweepSpec, *, trial_cpus: float, storage_
     end_open_runs(base.tracking.tracking_uri, sweep_run_id, STATUS_KILLED)
     trials = []
     for result in grid:
-        if result.error is None and result.metrics and result.metrics.get("done"):
+        if result.error is None and result.metrics and result.metrics.get(COMPLETED):
             trials.append(result)
     errors = [str(r.error).splitlines()[0] for r in grid if r.error is not None]
     if not trials:

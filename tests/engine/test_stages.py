@@ -154,3 +154,65 @@ def test_killed_worker_resumes_from_last_checkpoint(env, stages):
     assert final["epoch"] == STAGE_EPOCHS["three"] - 1
     history = client(env).get_metric_history(stages["three"].mlflow_run_id, "sys/epoch_time_s")
     assert sorted(m.step for m in history) == list(range(STAGE_EPOCHS["three"]))
+
+
+SWEEP_EPOCHS, SWEEP_GRACE = 16, 5  # one ASHA rung, at epoch 5 (16 / 5 < the reduction factor 4)
+
+
+@pytest.fixture(scope="module")
+def asha_sweep(env, stages):
+    """A real Tune sweep of Stage III (the project's run_sweep, ASHA on, one trial at a time) from the Stage II
+    model. Its first trial is found FINISHED with perfect held-out scores (what a re-submitted sweep meets),
+    so rung 5's bar is 100%: the trial trained now is below it at its fifth evaluation, whatever its
+    figures, and ASHA stops it there, long before its 16 epochs."""
+    from orchestrator.engine.config import config_hash
+    from orchestrator.pipeline.config import SweepSpec
+    from orchestrator.pipeline.sweep import run_sweep, trial_config
+    from orchestrator.tracking.stage_run import (TAG_CONFIG_HASH, TAG_STAGE, close_stage_run, open_stage_run,
+                                                 publish_model)
+    base = stage_config(env, "digits-sweep", dict(stage="three", k=0.75, ramp_epochs=0), SWEEP_EPOCHS,
+                        init_from=f"runs:/{stages['two'].mlflow_run_id}/model.pt")
+    base = base.model_copy(update={
+        "optim": base.optim.model_copy(update={"warmup_epochs": 0, "max_steps_per_epoch": 2}),
+        "tracking": base.tracking.model_copy(update={"experiment": "engine-sweep"})})
+    spec = SweepSpec(k=[0.5, 0.75], ramp_epochs=[0], ramp_shape=["linear"], asha=True, grace_period=SWEEP_GRACE,
+                     max_concurrent_trials=1)
+    done = trial_config(base, 0.5, 0, "linear", parent_run_id="", holdout_fraction=spec.holdout_fraction)
+    uri = base.tracking.tracking_uri
+    bar = open_stage_run(tracking_uri=uri, experiment="engine-sweep", run_name="finished earlier", parent_run_id=None,
+                         resolved_config={}, tags={TAG_CONFIG_HASH: config_hash(done), TAG_STAGE: "three"})
+    client(env).log_batch(bar, metrics=[_metric(f"holdout/top1_{b}bit", 100.0) for b in (2, 3, 4)]
+                          + [_metric("holdout/rand_top1_mean", 100.0)])
+    publish_model(uri, bar, stages["two"].model_path)
+    close_stage_run(uri, bar, succeeded=True)
+    outcome = run_sweep(base, spec, trial_cpus=0.25, storage_path=str(env["tmp"] / "ray"), key="sweep",
+                        parent_run_id=None)
+    return {"outcome": outcome, "bar": bar}
+
+
+def _metric(key, value):
+    import time
+
+    from mlflow.entities import Metric
+    return Metric(key, value, int(time.time() * 1000), SWEEP_EPOCHS - 1)
+
+
+def test_asha_stopped_trial_ends_killed(env, asha_sweep):
+    """A trial ASHA stops early ends KILLED in MLflow, never RUNNING, with fewer epochs logged than the sweep's
+    max_t; every run of the sweep ends FINISHED or KILLED, and the stopped trial is not counted as one that
+    completed (the sweep's best is the trial found done)."""
+    from orchestrator.tracking.stage_run import TAG_STATUS
+    c = client(env)
+    exp = c.get_experiment_by_name("engine-sweep")
+    runs = c.search_runs([exp.experiment_id], max_results=100)
+    assert {r.info.status for r in runs} <= {"FINISHED", "KILLED"}, [(r.info.run_name, r.info.status) for r in runs]
+    trials = [r for r in runs if r.data.tags.get("bitmixer.config_hash") and r.info.run_id != asha_sweep["bar"]]
+    assert len(trials) == 1, [r.info.run_name for r in trials]
+    (stopped,) = trials
+    assert stopped.info.status == "KILLED" and stopped.data.tags[TAG_STATUS] == "KILLED"
+    epochs = {m.step for m in c.get_metric_history(stopped.info.run_id, "holdout/top1_4bit")}
+    print("stopped trial evaluated at epochs", sorted(epochs))
+    assert SWEEP_GRACE - 1 in epochs and max(epochs) < SWEEP_EPOCHS - 1, sorted(epochs)
+    outcome = asha_sweep["outcome"]
+    assert outcome.run_id == asha_sweep["bar"], outcome.detail
+    assert "sweep of 1 trial(s) (1 found done)" in outcome.detail, outcome.detail
