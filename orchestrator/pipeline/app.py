@@ -186,7 +186,7 @@ def _run_pipeline(cfg: PipelineConfig, *, log, retrain: bool) -> PipelineReport:
     from mlflow.tracking import MlflowClient
 
     from orchestrator.data.compile_cache import CACHE_DIR_VARIABLE, compile_cache_dir
-    from orchestrator.engine.stage import torch_extensions_dir
+    from orchestrator.engine.process_env import worker_environment
     from orchestrator.tracking.reachability import check_tracking_reachable
     from orchestrator.tracking.config import TrackingConfig
     from orchestrator.tracking.credentials import (PASSWORD_VARIABLE, USERNAME_VARIABLE, credentials_to_environment,
@@ -226,14 +226,13 @@ def _run_pipeline(cfg: PipelineConfig, *, log, retrain: bool) -> PipelineReport:
             client.log_batch(run_id, params=params[i:i + 100])
         client.log_text(run_id, redact_text(dump_pipeline_config(cfg)), "config/pipeline.yaml")
 
-        env_vars = {"MLFLOW_TRACKING_URI": tracking_uri, "TORCH_EXTENSIONS_DIR": torch_extensions_dir(),
+        local_cpu = not cfg.scaling.use_gpu and not (os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"))
+        env_vars = {**worker_environment(local_cpu=local_cpu), "MLFLOW_TRACKING_URI": tracking_uri,
                     CACHE_DIR_VARIABLE: compile_cache_dir(),  # FFCV's numba code, compiled once per machine
                     "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
                     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
         # Tracking credentials reach the stage tasks and their workers through the environment only.
         env_vars.update({k: os.environ[k] for k in (USERNAME_VARIABLE, PASSWORD_VARIABLE) if k in os.environ})
-        if not cfg.scaling.use_gpu and not (os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID")):
-            env_vars["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
         started_ray = _connect_ray(env_vars)
         from orchestrator.pipeline.runner import run_plan
         outcomes = run_plan(plan, cfg, parent_run_id=run_id, env_vars=env_vars, retrain=retrain)
