@@ -9,14 +9,20 @@ process's CPU time (the latter is the steadier figure on a machine shared with o
 path (layers.set_reference_path: every ReLU kept) is the same network with the same weights, outputs and
 gradients; it gives the before figure in the same run. The Stage III sub-net is redrawn (layer-wise, k = 0.75) before
 every quantized step, as in training. `--profile` then prints where a Stage III step and a plain step spend
-their CPU time (torch.profiler, the operators with the most self time over 3 steps of each)."""
+their CPU time (torch.profiler, the operators with the most self time over 3 steps of each).
+
+The bench runs with the allocator settings a stage's Ray workers start with (orchestrator.engine.process_env;
+it restarts itself with them), so its steps are the workers' steps; `--glibc-defaults` leaves them out."""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +40,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--profile", action="store_true", help="also print the operators with most self CPU time")
     parser.add_argument("--no-reference", action="store_true", help="leave the reference path out of the rounds")
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="glibc's allocator defaults instead of the settings the training workers start with")
     args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from orchestrator.engine.process_env import ALLOCATOR_VARIABLES
+    wanted = {} if args.glibc_defaults else ALLOCATOR_VARIABLES
+    if any(os.environ.get(k) != wanted.get(k) for k in ALLOCATOR_VARIABLES):  # glibc reads them at start only
+        env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_VARIABLES}
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**env, **wanted})
+    print("allocator: " + ("glibc's defaults" if args.glibc_defaults else
+                           " ".join(f"{k}={v}" for k, v in ALLOCATOR_VARIABLES.items())), flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
