@@ -2,10 +2,11 @@
 
 After an architecture's main-chain Stage III has finished (or was found finished), its model.pt is loaded
 on CPU, a couple of validation batches are read, and the PNGs are logged under ``analysis/`` of that stage's
-MLflow run, each titled with its figure number, the architecture, the stage and the run. With eigenvalues
-on, the sub-net search of section 4.2 runs on the same batches: Fig. 4 (top-1 against average bits and
-against BitOPs) and Fig. 5 (the layers' Hessian eigenvalues it ranks by). Plotting is a by-product: any
-error becomes one warning line, never a failed pipeline.
+MLflow run, each titled with its figure number, the architecture, the stage and the run. Fig. 4 (top-1
+against average bits and against BitOPs) and Fig. 5 (the layers' Hessian eigenvalues the search ranks by)
+come from the section 4.2 sub-net search: the one Table 6 runs on the final model (`subnet_table`), or,
+with eigenvalues on and no Table 6, one on the same batches here. Plotting is a by-product: any error
+becomes one warning line, never a failed pipeline.
 """
 from __future__ import annotations
 
@@ -74,11 +75,19 @@ def log_stage_analysis(model_uri: str, run_id: str, batches: Sequence, *, tracki
         bit_choices = core.quantized_layers(model)[0][1].bit_widths.activations
         search = SearchConfig(average_bits=search_budgets(bit_choices), top_k=3, random_per_budget=3,
                               sensitivity_batches=len(batches))
-        report = find_subnets(model, batches, batches, search)
-        for name, figure in plots.subnet_figures(report, title).items():
-            figures[f"fig4_{name.removeprefix('subnets_')}"] = figure
-        figures["fig5_layer_eigenvalues.png"] = plots.eigenvalue_figure(report.layer_names, report.eigenvalues, title)
+        figures.update(search_figures(find_subnets(model, batches, batches, search), title))
     return log_figures((client, run_id), dict(sorted(figures.items())), ARTIFACT_DIR)
+
+
+def search_figures(report, title: str) -> dict:
+    """Fig. 4 (top-1 of the evaluated sub-nets against average bits and against BitOPs) and Fig. 5 (the
+    layers' Hessian eigenvalues they were ranked by) of one sub-net search, by their artifact names."""
+    from orchestrator.deploy import plots
+
+    figures = {f"fig4_{name.removeprefix('subnets_')}": figure
+               for name, figure in plots.subnet_figures(report, title).items()}
+    figures["fig5_layer_eigenvalues.png"] = plots.eigenvalue_figure(report.layer_names, report.eigenvalues, title)
+    return figures
 
 
 def analyse_final_stage(arch: str, outcome, data_cfg, *, tracking_uri: str | None,

@@ -237,10 +237,12 @@ class TrackingSpec(Strict):
                                          "<prefix>-<pipeline name>-<architecture>.")
     register_models: bool = True
     analysis_plots: bool = Field(True, description="Log Fig. 3/6/7 of each architecture's final Stage III model.")
-    analysis_eigenvalues: bool = Field(False, description="Also Fig. 4 (sub-net search) and Fig. 5 (Hessian power "
-                                       "iteration; ~5 s on resnet_tiny on CPU, much more on ResNet-18).")
+    analysis_eigenvalues: bool = Field(False, description="With table6 off, also Fig. 4 (sub-net search) and Fig. 5 "
+                                       "(Hessian power iteration; ~5 s on resnet_tiny on CPU, much more on "
+                                       "ResNet-18) from a search on the plots' own batches.")
     table6: bool = Field(True, description="Table 6: the section 4.2 sub-net search on each architecture's final "
-                         "model (top-k by Hessian score against random assignments of the same average bits).")
+                         "model (top-k by Hessian score against random assignments of the same average bits); "
+                         "it also draws that model's Fig. 4 and Fig. 5.")
 
 
     @field_validator("storage_path")

@@ -76,8 +76,9 @@ def execute_node(node: StageNode, upstream: list[StageOutcome], *, parent_run_id
             outcome.metrics.update(table6_figures(node.arch, outcome, cfg.data, tracking_uri=cfg.tracking.tracking_uri))
         if final and pipeline.tracking.analysis_plots:
             from orchestrator.pipeline.analysis import analyse_final_stage
+            searched = any(k.startswith("subnets/") for k in outcome.metrics)  # Table 6 drew Fig. 4 and 5
             analyse_final_stage(node.arch, outcome, cfg.data, tracking_uri=cfg.tracking.tracking_uri,
-                                eigenvalues=pipeline.tracking.analysis_eigenvalues)
+                                eigenvalues=pipeline.tracking.analysis_eigenvalues and not searched)
         return outcome
     except Exception as err:  # the summary reports it; later stages of this chain are blocked
         message = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"

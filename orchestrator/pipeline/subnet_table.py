@@ -38,15 +38,18 @@ def subnet_metrics(summary: dict[str, float]) -> dict[str, float]:
 
 def search_final_model(model_uri: str, run_id: str, data_cfg, *, tracking_uri: str | None,
                        max_images: int = MAX_EVAL_IMAGES) -> dict[str, float]:
-    """Run the section 4.2 search on a stage's model.pt, log its figures as metrics of `run_id` and the
-    evaluated sub-nets as `analysis/subnets_table6.json`; returns the metrics."""
+    """Run the section 4.2 search on a stage's model.pt, log its figures as metrics of `run_id`, the
+    evaluated sub-nets as `analysis/subnets_table6.json` and its plots (Fig. 4 and 5) under `analysis/`;
+    returns the metrics."""
     from mlflow.tracking import MlflowClient
 
     import bitmixer_core as core
     from orchestrator.data.loaders import build_val_loader
     from orchestrator.deploy.config import SearchConfig
+    from orchestrator.deploy.mlflow_log import log_figures
     from orchestrator.deploy.subnets import find_subnets, materialize
     from orchestrator.engine.checkpoint import load_model
+    from orchestrator.pipeline.analysis import ARTIFACT_DIR, caption, search_figures
 
     model = load_model(model_uri, tracking_uri)
     model.eval()
@@ -62,6 +65,7 @@ def search_final_model(model_uri: str, run_id: str, data_cfg, *, tracking_uri: s
     client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in sorted(metrics.items())])
     client.log_dict(run_id, {"layers": report.layer_names, "eigenvalues": report.eigenvalues,
                              "subnets": report.rows()}, "analysis/subnets_table6.json")
+    log_figures((client, run_id), search_figures(report, caption(client.get_run(run_id))), ARTIFACT_DIR)
     return metrics
 
 

@@ -78,3 +78,27 @@ def test_run_names_are_short_distinct_and_start_with_the_stage():
     assert all(len(n) <= 40 for n in names.values()), names
     trial = trial_config(plan.nodes["ebn_tiny/main/three"].config, 0.6667, 1, "linear", "sweep")
     assert trial.tracking.run_name == "stage3 ebn_tiny k0.667 ramp1 linear"
+
+
+def _evaluations(epochs: int, every: int) -> int:
+    """How many epochs a stage evaluates: every `every`-th one and always the last (the worker's rule)."""
+    return sum(1 for epoch in range(epochs) if epoch == epochs - 1 or (epoch + 1) % every == 0)
+
+
+def test_every_preset_evaluates_often_enough_for_per_bit_curves():
+    """Every stage of every preset evaluates at two epochs or more, so its val/top1_<b>bit chart is a
+    curve, not a single dot."""
+    from orchestrator.pipeline.plan import build_plan
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        plan = build_plan(load_pipeline_config(path), data_path="/d", tracking_uri="sqlite:////tmp/x.db")
+        for key, node in plan.nodes.items():
+            cfg = node.config
+            assert _evaluations(cfg.optim.epochs, cfg.eval_every_epochs) >= 2, (path.name, key)
+
+
+def test_every_preset_draws_fig4_of_each_final_model():
+    """Fig. 4 (top-1 against average bits and BitOPs) comes from the sub-net search of Table 6, or of the
+    analysis plots when Table 6 is off: every preset has one of them on."""
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        tracking = load_pipeline_config(path).tracking
+        assert tracking.table6 or (tracking.analysis_plots and tracking.analysis_eigenvalues), path.name

@@ -42,7 +42,11 @@ def test_search_of_a_final_model_is_logged_and_feeds_table6(tmp_path):
                             for kind in ("top", "random") for stat in ("best", "mean")}
     logged = client.get_run(run_id).data.metrics
     assert {k: logged[k] for k in figures} == figures
-    assert "analysis/subnets_table6.json" in {a.path for a in client.list_artifacts(run_id, "analysis")}
+    listed = {a.path for a in client.list_artifacts(run_id, "analysis")}
+    assert "analysis/subnets_table6.json" in listed
+    # The same search draws the final model's Fig. 4 (top-1 against average bits and BitOPs) and Fig. 5.
+    assert {"analysis/fig4_top1_vs_average_bits.png", "analysis/fig4_top1_vs_bitops.png",
+            "analysis/fig5_layer_eigenvalues.png"} <= listed
     t = table6({("resnet_tiny", "main", "three"): {"4": 81.0, "2": 70.0}}, {"resnet_tiny": figures},
                ["resnet_tiny"], ["4", "3", "2"])
     assert t.columns[2:] == ["4 (ours)", "4 (paper, ImageNet)", "3½ (ours)", "3½ (paper, ImageNet)", "3 (ours)",
