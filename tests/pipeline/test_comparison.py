@@ -102,3 +102,56 @@ def test_every_preset_draws_fig4_of_each_final_model():
     for path in sorted(CONFIGS.glob("*.yaml")):
         tracking = load_pipeline_config(path).tracking
         assert tracking.table6 or (tracking.analysis_plots and tracking.analysis_eigenvalues), path.name
+
+
+def _plan_config(key: str, tracking_uri: str):
+    from orchestrator.pipeline.plan import build_plan
+    plan = build_plan(load_pipeline_config(CONFIGS / "embedded.yaml"), data_path="/d", tracking_uri=tracking_uri)
+    return plan.nodes[key].config
+
+
+def test_independent_runs_are_tagged_independent(tmp_path, monkeypatch):
+    """The stage run run_stage opens for an Independent network says so: stage tag `independent` (never
+    `fixed`) and the bit-width it trained at."""
+    from mlflow.tracking import MlflowClient
+
+    import orchestrator.engine.stage as stage
+    from orchestrator.tracking.stage_run import TAG_INDEPENDENT_BITS, TAG_STAGE
+
+    class StopBeforeRay(RuntimeError):
+        pass
+
+    def stop(cfg):
+        raise StopBeforeRay
+    monkeypatch.setattr(stage, "check_data_folder", lambda *args, **kwargs: None)
+    monkeypatch.setattr(stage, "_ensure_ray", stop)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = _plan_config("resnet_tiny/independent_4/independent", uri)
+    try:
+        stage.run_stage(cfg)
+    except StopBeforeRay:
+        pass
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert run.info.run_name == "indep resnet_tiny 4bit"
+    assert run.data.tags[TAG_STAGE] == "independent" and run.data.tags[TAG_INDEPENDENT_BITS] == "4"
+
+
+def test_sweep_parent_is_tagged_with_stage_and_architecture(tmp_path):
+    """The run a Stage III sweep's trials nest under carries the stage and architecture tags (so it filters
+    with the stage runs), nests under the pipeline run, and a re-submission finds the same one."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.pipeline.sweep import TAG_SWEEP, _sweep_run
+    from orchestrator.tracking.stage_run import TAG_ARCHITECTURE, TAG_STAGE, experiment_id
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    base = _plan_config("ebn_tiny/main/three", uri)
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.create_run(experiment_id(uri, base.tracking.experiment), run_name="pipeline-embedded").info.run_id
+    sweep = _sweep_run(base, parent, "sweep-key")
+    tags = client.get_run(sweep).data.tags
+    assert tags[TAG_STAGE] == "three" and tags[TAG_ARCHITECTURE] == "ebn_tiny" and tags[TAG_SWEEP] == "sweep-key"
+    assert tags["mlflow.parentRunId"] == parent
+    assert client.get_run(sweep).info.run_name == "stage3 ebn_tiny sweep"
+    assert _sweep_run(base, parent, "sweep-key") == sweep
