@@ -6,12 +6,14 @@ Chromium through Playwright.
 - A stage run's per-bit chart has one point per evaluated epoch, not a single dot.
 - The analysis figures load as images.
 - The pipeline run's Overview shows Table 7 and the headline figures, in the model-training view.
+- MLflow's comparison page puts Stage II, Stage III and the Independent network side by side.
 
 Screenshots are kept under runs/test-artifacts/ui/ (and the test's tmp folder).
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -39,10 +41,15 @@ class Browser:
         self.context, self.uri, self.ids, self.shots = context, uri, ids, shots
 
     def open(self, path: str):
+        """A page of the experiment (`runs`, `runs/<id>/...`) in the model-training view."""
+        return self.open_address(f"experiments/{self.ids['experiment']}/{path}")
+
+    def open_address(self, address: str):
+        """Any page of the UI by its address after `#/`, in the model-training view."""
         page = self.context.new_page()
         page.set_default_timeout(TIMEOUT_MS)
-        separator = "&" if "?" in path else "?"
-        page.goto(f"{self.uri}/#/experiments/{self.ids['experiment']}/{path}{separator}{VIEW}")
+        separator = "&" if "?" in address else "?"
+        page.goto(f"{self.uri}/#/{address}{separator}{VIEW}")
         return page
 
     def close_assistant(self, page) -> None:
@@ -102,6 +109,7 @@ def test_table7_view_shows_every_column_with_figures(browser):
     page.get_by_text("Stage III (paper, ImageNet)").first.wait_for()
     header, rows = _table_cells(page)
     browser.close_assistant(page)
+    page.set_viewport_size({"width": 2200, "height": 800})  # wide enough that the picture holds all 9 columns
     browser.screenshot(page, "table7_table_view.png")
     assert header == ["Architecture", "Bits", "Independent (ours)", "Independent (paper, ImageNet)",
                       "AdaBits (paper, ImageNet)", "Stage II (ours)", "Stage II (paper, ImageNet)",
@@ -162,6 +170,36 @@ def test_pipeline_run_is_the_place_to_compare(browser):
     assert "Model registry" in text and "Evaluation runs" not in text  # not the GenAI view
 
     runs = browser.open("runs")
-    runs.get_by_text("pipeline-embedded").first.wait_for()
+    runs.get_by_text(re.compile(r"^[1-9][0-9]* matching runs?")).first.wait_for()  # the list, not its spinner
     browser.screenshot(runs, "experiment_runs.png")
     assert "Bit-Mixer pipeline" in runs.inner_text("body")  # the experiment's description
+
+
+def test_stage_runs_compare_side_by_side(browser):
+    """MLflow's comparison page of Stage II, Stage III and the 4-bit Independent network: their names, stage
+    tags and per-bit top-1 side by side, the Independent run with its own bit-width only."""
+    from tests.ui.finished_run import CURVES, EPOCHS
+
+    chosen = [browser.ids[name] for name in ("stage2", "stage3", "indep4")]
+    runs = ",".join(f'"{run_id}"' for run_id in chosen)
+    page = browser.open_address(f'compare-runs?runs=[{runs}]&experiments=["{browser.ids["experiment"]}"]')
+    page.get_by_text("val/top1_4bit").first.wait_for()
+    browser.close_assistant(page)
+    text = page.inner_text("body")
+    for section in ("Visualizations", "Artifacts"):  # folded: the picture shows params, metrics and tags
+        page.get_by_text(section, exact=True).first.click()
+    # The metrics sit in a box of fixed height (about 7 rows) whose two columns scroll apart in a screenshot:
+    # "Show diff only" (params, metrics, tags) leaves out what all three share (sys/, train/ here), so that
+    # the box starts at Rand. and the per-bit top-1 without scrolling, and the tags show each run's stage.
+    switches = page.get_by_role("switch")
+    for i in range(switches.count()):
+        switches.nth(i).click()
+    page.get_by_text("sys/epoch_time_s").wait_for(state="detached")
+    page.set_viewport_size({"width": 1600, "height": 1900})
+    page.get_by_text("Comparing 3 Runs").scroll_into_view_if_needed()
+    browser.screenshot(page, "compare_stage_runs.png")
+    for name in ("stage2 resnet_tiny", "stage3 resnet_tiny", "indep resnet_tiny 4bit", "independent"):
+        assert name in text, name
+    for name in ("val/top1_2bit", "val/top1_4bit", "val/rand_top1_mean"):
+        assert name in text, name
+    assert f"{CURVES[2][EPOCHS - 1]:g}" in text  # Stage II / III's last 2-bit top-1
