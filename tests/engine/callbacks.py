@@ -54,3 +54,31 @@ class CrashAfterEpoch(StageCallback):
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(f"crashed after epoch {epoch}\n")
         os._exit(1)
+
+
+def recorded_in_run_dir(worker, epoch: int) -> bool:
+    """Whether Ray has recorded the epoch's checkpoint in the worker's run folder."""
+    return recorded(worker.run_dir, epoch)
+
+
+class PauseAfterFirstEpoch(StageCallback):
+    """Rank 0, once Ray has recorded epoch 0's checkpoint (`is_recorded(worker, epoch)`), creates `marker` and
+    waits until `go` exists (at most 300 s): the fault tests break something at that known point. It pauses
+    once; a resumed epoch 0 does not pause again."""
+
+    def __init__(self, marker: str, go: str, is_recorded=None):
+        self.marker, self.go = marker, go
+        self.is_recorded = is_recorded or recorded_in_run_dir
+
+    def marker_text(self) -> str:
+        return "paused"
+
+    def after_report(self, worker, epoch):
+        if epoch != 0 or worker.rank != 0 or Path(self.marker).exists():
+            return
+        while not self.is_recorded(worker, epoch):
+            time.sleep(0.2)
+        Path(self.marker).write_text(self.marker_text())
+        deadline = time.monotonic() + 300
+        while not Path(self.go).exists() and time.monotonic() < deadline:
+            time.sleep(0.2)

@@ -8,56 +8,36 @@ from __future__ import annotations
 
 import os
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from orchestrator.engine.callbacks import StageCallback
-from tests.engine.callbacks import recorded
-from tests.servers import MLflowServer
+from tests.engine.callbacks import PauseAfterFirstEpoch
+
+from .conftest import run_stage_in_thread, wait_for_pause
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 EPOCHS = 3
 
 
-class PauseAfterFirstEpoch(StageCallback):
-    def __init__(self, marker: str, go: str):
-        self.marker, self.go = marker, go
-
-    def after_report(self, worker, epoch):
-        if epoch != 0 or worker.rank != 0 or Path(self.marker).exists():
-            return
-        while not recorded(worker.run_dir, epoch):
-            time.sleep(0.2)
-        Path(self.marker).write_text("paused")
-        deadline = time.monotonic() + 300
-        while not Path(self.go).exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, digits, mlflow_server):
     import ray
 
-    from orchestrator.data.embedded import write_embedded_digits
     tmp = tmp_path_factory.mktemp("disk-full")
     store = tmp / "store"
     store.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(store)], capture_output=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.decode().strip()})")
-    data = write_embedded_digits(tmp / "digits")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "bitmixer" / "torch_extensions"))
     try:
-        with MLflowServer(tmp / "mlflow") as server:
-            ray.init(address="local", num_cpus=2, include_dashboard=False)
-            try:
-                yield {"tmp": tmp, "store": store, "data": str(data), "mlflow": server}
-            finally:
-                ray.shutdown()
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
+        try:
+            yield {"tmp": tmp, "store": store, "data": digits, "mlflow": mlflow_server}
+        finally:
+            ray.shutdown()
     finally:
         subprocess.run(["umount", "-l", str(store)], check=False)
 
@@ -92,20 +72,8 @@ def test_full_disk_during_a_checkpoint(env):
         max_failures=0,  # a retry would meet the same full disk
         tracking=dict(tracking_uri=env["mlflow"].uri, experiment="disk-full"), storage_path=str(env["store"])))
     marker, go = env["tmp"] / "paused", env["tmp"] / "go"
-    box: dict = {}
-
-    def fit():
-        try:
-            box["result"] = run_stage(cfg, callbacks=[PauseAfterFirstEpoch(str(marker), str(go))])
-        except BaseException as err:  # noqa: BLE001 - checked below
-            box["error"] = err
-    thread = threading.Thread(target=fit, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 600
-    while not marker.exists():
-        assert thread.is_alive(), box.get("error")
-        assert time.monotonic() < deadline, "the stage never finished its first epoch"
-        time.sleep(0.5)
+    thread, box = run_stage_in_thread(cfg, [PauseAfterFirstEpoch(str(marker), str(go))])
+    wait_for_pause(marker, thread, box)
     checkpoints = sorted(p for p in env["store"].rglob("checkpoint_*") if p.is_dir())
     assert len(checkpoints) == 1
     good = {p.relative_to(checkpoints[0]): p.read_bytes() for p in checkpoints[0].rglob("*") if p.is_file()}

@@ -18,8 +18,6 @@ import time
 
 import pytest
 
-from tests.servers import MLflowServer
-
 from .conftest import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -27,12 +25,8 @@ EPOCHS = 2
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    from orchestrator.data.embedded import write_embedded_digits
-    tmp = tmp_path_factory.mktemp("driver-killed")
-    data = write_embedded_digits(tmp / "digits")
-    with MLflowServer(tmp / "mlflow") as server:
-        yield {"tmp": tmp, "data": str(data), "mlflow": server}
+def env(tmp_path_factory, digits, mlflow_server):
+    return {"tmp": tmp_path_factory.mktemp("driver-killed"), "data": digits, "mlflow": mlflow_server}
 
 
 def _config(env) -> dict:

@@ -8,49 +8,30 @@ Real components: a local Ray, 2 Ray Train workers, DeepSpeed on gloo, FFCV on th
 from __future__ import annotations
 
 import os
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from orchestrator.engine.callbacks import StageCallback
-from tests.engine.callbacks import recorded
+from tests.engine.callbacks import PauseAfterFirstEpoch
 from tests.servers import MLflowServer
+
+from .conftest import run_stage_in_thread, wait_for_pause
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 EPOCHS = 3
 
 
-class PauseAfterFirstEpoch(StageCallback):
-    """Rank 0 waits after epoch 0's checkpoint is recorded until the test says `go`."""
-
-    def __init__(self, marker: str, go: str):
-        self.marker, self.go = marker, go
-
-    def after_report(self, worker, epoch):
-        if epoch != 0 or worker.rank != 0:
-            return
-        while not recorded(worker.run_dir, epoch):
-            time.sleep(0.2)
-        Path(self.marker).write_text("paused")
-        deadline = time.monotonic() + 300
-        while not Path(self.go).exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, digits):
     import ray
 
-    from orchestrator.data.embedded import write_embedded_digits
     tmp = tmp_path_factory.mktemp("mlflow-restart")
-    data = write_embedded_digits(tmp / "digits")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "bitmixer" / "torch_extensions"))
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
-        yield {"tmp": tmp, "data": str(data)}
+        yield {"tmp": tmp, "data": digits}
     finally:
         ray.shutdown()
 
@@ -58,7 +39,7 @@ def env(tmp_path_factory):
 def test_stage_outlives_a_tracking_server_restart(env):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.engine import StageConfig, run_stage
+    from orchestrator.engine import StageConfig
     store = env["tmp"] / "mlflow"
     server = MLflowServer(store)
     restarted = None
@@ -72,20 +53,8 @@ def test_stage_outlives_a_tracking_server_restart(env):
             tracking=dict(tracking_uri=server.uri, experiment="mlflow-restart"),
             storage_path=str(env["tmp"] / "ray")))
         marker, go = env["tmp"] / "paused", env["tmp"] / "go"
-        box: dict = {}
-
-        def fit():
-            try:
-                box["result"] = run_stage(cfg, callbacks=[PauseAfterFirstEpoch(str(marker), str(go))])
-            except BaseException as err:  # noqa: BLE001 - checked below
-                box["error"] = err
-        thread = threading.Thread(target=fit, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 600
-        while not marker.exists():
-            assert thread.is_alive(), box.get("error")
-            assert time.monotonic() < deadline, "the stage never finished its first epoch"
-            time.sleep(0.5)
+        thread, box = run_stage_in_thread(cfg, [PauseAfterFirstEpoch(str(marker), str(go))])
+        wait_for_pause(marker, thread, box)
         server.stop()
         go.write_text("go")  # the next epoch's metrics are logged while the server is down
         time.sleep(5)

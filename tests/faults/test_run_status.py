@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.servers import MLflowServer
-
 from .conftest import ROOT
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with MLflowServer(tmp_path_factory.mktemp("mlflow")) as mlflow_server:
-        yield mlflow_server
+def server(mlflow_server):
+    return mlflow_server
 
 
 @pytest.fixture()
@@ -94,12 +91,6 @@ def test_open_runs_under_a_run_end_killed(server, client, request):
         run = client.get_run(run_id)
         assert run.info.status == "KILLED" and run.data.tags["bitmixer.status"] == "KILLED"
     assert client.get_run(done).info.status == "FINISHED"
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from orchestrator.data.embedded import write_embedded_digits
-    return write_embedded_digits(tmp_path_factory.mktemp("digits") / "digits")
 
 
 def _stage_config(server, tmp_path, experiment, data):

@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from orchestrator.engine.callbacks import StageCallback
-from tests.servers import MLflowServer, MotoServer
+from tests.engine.callbacks import PauseAfterFirstEpoch
+from tests.servers import MotoServer
+
+from .conftest import run_stage_in_thread, wait_for_pause
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 EPOCHS = 2
@@ -35,30 +35,18 @@ def recorded_in_s3(run_name: str, epoch: int) -> bool:
     return any(r.get("metrics", {}).get("epoch") == epoch for r in results)
 
 
-class PauseAfterFirstEpoch(StageCallback):
-    def __init__(self, marker: str, go: str):
-        self.marker, self.go = marker, go
-
-    def after_report(self, worker, epoch):
-        import ray.train
-        if epoch != 0 or worker.rank != 0 or Path(self.marker).exists():
-            return
-        while not recorded_in_s3(ray.train.get_context().get_experiment_name(), epoch):
-            time.sleep(0.5)
-        Path(self.marker).write_text("paused")
-        deadline = time.monotonic() + 300
-        while not Path(self.go).exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
+def recorded_in_s3_by_worker(worker, epoch: int) -> bool:
+    """Whether Ray has recorded the epoch's checkpoint in the bucket (the run named as the worker sees it)."""
+    import ray.train
+    return recorded_in_s3(ray.train.get_context().get_experiment_name(), epoch)
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, digits, mlflow_server):
     import ray
 
-    from orchestrator.data.embedded import write_embedded_digits
     tmp = tmp_path_factory.mktemp("s3-outage")
-    data = write_embedded_digits(tmp / "digits")
-    with MotoServer(tmp / "moto") as s3, MLflowServer(tmp / "mlflow") as server:
+    with MotoServer(tmp / "moto") as s3:
         s3.create_bucket(BUCKET)
         saved = {k: os.environ.get(k) for k in s3.env}
         os.environ.update(s3.env)  # the driver and the workers Ray starts below reach S3 through these
@@ -66,7 +54,7 @@ def env(tmp_path_factory):
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "bitmixer" / "torch_extensions"))
         ray.init(address="local", num_cpus=2, include_dashboard=False)
         try:
-            yield {"tmp": tmp, "data": str(data), "mlflow": server, "s3": s3}
+            yield {"tmp": tmp, "data": digits, "mlflow": mlflow_server, "s3": s3}
         finally:
             ray.shutdown()
             os.kill(s3.proc.pid, signal.SIGCONT)
@@ -90,20 +78,8 @@ def test_s3_outage_fails_clearly_and_the_rerun_resumes(env):
         scaling=dict(num_workers=2, cpus_per_worker=0.5), eval_every_epochs=EPOCHS, max_failures=0,
         tracking=dict(tracking_uri=env["mlflow"].uri, experiment="s3-outage"), storage_path=f"s3://{BUCKET}/ray"))
     marker, go = env["tmp"] / "paused", env["tmp"] / "go"
-    box: dict = {}
-
-    def fit():
-        try:
-            box["result"] = run_stage(cfg, callbacks=[PauseAfterFirstEpoch(str(marker), str(go))])
-        except BaseException as err:  # noqa: BLE001 - checked below
-            box["error"] = err
-    thread = threading.Thread(target=fit, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 600
-    while not marker.exists():
-        assert thread.is_alive(), box.get("error")
-        assert time.monotonic() < deadline, "the stage never finished its first epoch"
-        time.sleep(0.5)
+    thread, box = run_stage_in_thread(cfg, [PauseAfterFirstEpoch(str(marker), str(go), recorded_in_s3_by_worker)])
+    wait_for_pause(marker, thread, box)
     os.kill(env["s3"].proc.pid, signal.SIGSTOP)  # S3 stops answering
     go.write_text("go")
     thread.join(timeout=900)

@@ -5,15 +5,7 @@ from __future__ import annotations
 
 import shutil
 
-import pytest
-
 from .conftest import ROOT
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from orchestrator.data.embedded import write_embedded_digits
-    return write_embedded_digits(tmp_path_factory.mktemp("digits") / "digits")
 
 
 def _stage(data, **changes):

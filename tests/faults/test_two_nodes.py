@@ -10,26 +10,21 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from orchestrator.engine.callbacks import StageCallback
-from tests.engine.callbacks import recorded
-from tests.servers import MLflowServer
+from tests.engine.callbacks import PauseAfterFirstEpoch
+
+from .conftest import run_stage_in_thread, wait_for_pause
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 EPOCHS = 3
 
 
-class NodesAndPause(StageCallback):
+class NodesAndPause(PauseAfterFirstEpoch):
     """Reports the node of every rank (`node_ids`); after epoch 0 is recorded, rank 0 writes them to
     `marker` and waits for `go` (the test removes a node meanwhile)."""
-
-    def __init__(self, marker: str, go: str):
-        self.marker, self.go = marker, go
 
     def on_epoch_end(self, worker, epoch, metrics):
         import ray
@@ -39,45 +34,35 @@ class NodesAndPause(StageCallback):
         metrics["node_ids"] = nodes
         self.nodes = nodes
 
-    def after_report(self, worker, epoch):
-        if epoch != 0 or worker.rank != 0 or Path(self.marker).exists():
-            return
-        while not recorded(worker.run_dir, epoch):
-            time.sleep(0.2)
-        Path(self.marker).write_text(json.dumps(self.nodes))
-        deadline = time.monotonic() + 300
-        while not Path(self.go).exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
+    def marker_text(self) -> str:
+        return json.dumps(self.nodes)
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, digits, mlflow_server):
     import ray
     from ray.cluster_utils import Cluster
 
-    from orchestrator.data.embedded import write_embedded_digits
     tmp = tmp_path_factory.mktemp("two-nodes")
-    data = write_embedded_digits(tmp / "digits")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "bitmixer" / "torch_extensions"))
     (Path(tempfile.gettempdir()) / "ray").mkdir(exist_ok=True)
     temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: socket paths are limited
-    with MLflowServer(tmp / "mlflow") as server:
-        nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
-                                                              "temp_dir": temp_dir})
-        workers = [nodes.add_node(num_cpus=1) for _ in range(2)]
-        ray.init(address=nodes.address)
-        try:
-            yield {"tmp": tmp, "data": str(data), "mlflow": server, "cluster": nodes, "workers": workers}
-        finally:
-            ray.shutdown()
-            nodes.shutdown()
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                          "temp_dir": temp_dir})
+    workers = [nodes.add_node(num_cpus=1) for _ in range(2)]
+    ray.init(address=nodes.address)
+    try:
+        yield {"tmp": tmp, "data": digits, "mlflow": mlflow_server, "cluster": nodes, "workers": workers}
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
 
 
 def test_stage_spans_two_nodes_and_survives_losing_one(cluster):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.engine import StageConfig, run_stage
+    from orchestrator.engine import StageConfig
     cfg = StageConfig.model_validate(dict(
         name="two-nodes", model=dict(name="resnet_tiny", num_classes=10, stem="small"),
         data=dict(path=cluster["data"], train_resolution=32, val_resolution=32, val_crop_ratio=1.0, batch_size=32,
@@ -87,20 +72,8 @@ def test_stage_spans_two_nodes_and_survives_losing_one(cluster):
         tracking=dict(tracking_uri=cluster["mlflow"].uri, experiment="two-nodes"),
         storage_path=str(cluster["tmp"] / "ray")))
     marker, go = cluster["tmp"] / "paused", cluster["tmp"] / "go"
-    box: dict = {}
-
-    def fit():
-        try:
-            box["result"] = run_stage(cfg, callbacks=[NodesAndPause(str(marker), str(go))])
-        except BaseException as err:  # noqa: BLE001 - re-raised below
-            box["error"] = err
-    thread = threading.Thread(target=fit, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 600
-    while not marker.exists():
-        assert thread.is_alive(), box.get("error")
-        assert time.monotonic() < deadline, "the stage never finished its first epoch"
-        time.sleep(0.5)
+    thread, box = run_stage_in_thread(cfg, [NodesAndPause(str(marker), str(go))])
+    wait_for_pause(marker, thread, box)
     first_nodes = json.loads(marker.read_text())
     assert len(set(first_nodes)) == 2  # one worker on each of two nodes
     removed = next(node for node in cluster["workers"] if node.node_id in first_nodes)
