@@ -28,6 +28,7 @@ from orchestrator.pipeline.smoke import smoke_config
 CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
 PRESETS = ["imagenet", "table1_no_tbn", "table2_distillation", "table3_bits_4321", "table4_ternary_binary",
            "table5_quantizers"]
+VAL_BATCH = 128  # images per evaluation batch (the digits' 359 validation images in 3 batches)
 
 
 def free_port() -> int:
@@ -66,7 +67,7 @@ def signature(plan, node, seen_models: dict) -> tuple:
 
 
 def test_every_distinct_stage_of_the_paper_presets_trains_through_the_engine(engine_env, tmp_path):
-    from orchestrator.data.loaders import build_loaders
+    from orchestrator.data.loaders import build_train_loader, build_val_loader
     from orchestrator.engine.worker import StageWorker
 
     data = engine_env
@@ -90,8 +91,12 @@ def test_every_distinct_stage_of_the_paper_presets_trains_through_the_engine(eng
             })
             worker = StageWorker(stage_cfg, run_id=None, rank=0, world_size=1)
             if loaders is None:
-                loaders = build_loaders(stage_cfg.data, rank=0, world_size=1, device=torch.device("cpu"),
-                                        distributed=False)
+                # The evaluation reads the validation set in batches of its own size: the smoke presets' batch
+                # of 8 made it most of this test's time (top-1 at fixed bits does not depend on the batch).
+                cpu = torch.device("cpu")
+                loaders = (build_train_loader(stage_cfg.data, rank=0, world_size=1, device=cpu, distributed=False),
+                           build_val_loader(stage_cfg.data.model_copy(update={"batch_size": VAL_BATCH}), rank=0,
+                                            world_size=1, device=cpu))
             worker.build_engine(worker.prepare_model(), loaders=loaders)
             decay = sorted(g["weight_decay"] for g in worker.engine.optimizer.param_groups)
             assert decay == [0.0, stage_cfg.optim.weight_decay], decay  # no decay on the learned step sizes

@@ -108,7 +108,7 @@ def _submit(cluster, submission_id: str) -> str:
     client = JobSubmissionClient(cluster["head"].address)
     while (status := client.get_job_status(submission_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
                                                                    JobStatus.STOPPED):
-        time.sleep(3)
+        time.sleep(0.5)
     logs = client.get_job_logs(submission_id)
     assert status == JobStatus.SUCCEEDED, f"job {submission_id} ended {status}; its log ends with:\n{logs[-6000:]}"
     return logs
