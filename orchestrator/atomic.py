@@ -8,6 +8,10 @@ only a `*.tmp-<pid>` file, which `remove_stale` deletes at the next start.
 A folder whose files belong together (a data folder: train.beton, val.beton, classes.json) is written into
 a staging folder beside it (`<name>.staging-<pid>`) and renamed into place once every file is there.
 
+A process's scratch folder (`scratch_folder`: an epoch's checkpoint before Ray takes it, a private copy of
+a remote checkpoint) ends in `.scratch-<pid>`, so the folders of a worker that was killed before it could
+remove them are found and removed by `remove_stale` at a later worker's start.
+
     with atomic_file("model.pt") as f:      # a binary file object on the temporary name
         torch.save(payload, f)
     with atomic_path("train.beton") as tmp: # a temporary path, for writers that want a name
@@ -21,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -28,9 +33,10 @@ from bitmixer_core.durable import TMP_MARK, commit, fsync_file, fsync_folder, te
 
 STAGING_MARK = ".staging-"
 OLD_MARK = ".old-"
+SCRATCH_MARK = ".scratch-"
 
 __all__ = ["TMP_MARK", "STAGING_MARK", "OLD_MARK", "temporary_name", "fsync_folder", "commit", "atomic_path",
-           "atomic_file", "write_bytes", "write_text", "copy_file", "remove_stale", "staged_folder"]
+           "atomic_file", "write_bytes", "write_text", "copy_file", "remove_stale", "staged_folder", "scratch_folder", "SCRATCH_MARK"]
 
 
 @contextlib.contextmanager
@@ -96,7 +102,7 @@ def _alive(pid: int) -> bool:
 
 def remove_stale(folder: str | os.PathLike, prefix: str = "") -> list[Path]:
     """Delete what a killed writer left in `folder`: `*.tmp-<pid>` files and `*.staging-<pid>` /
-    `*.old-<pid>` folders whose process is gone. An `.old-` folder whose final folder is missing (killed
+    `*.old-<pid>` / `*.scratch-<pid>` folders whose process is gone. An `.old-` folder whose final folder is missing (killed
     between the two renames of `staged_folder`) is put back instead. Only names starting with `prefix` are
     looked at. Returns what was removed."""
     folder = Path(folder)
@@ -106,7 +112,7 @@ def remove_stale(folder: str | os.PathLike, prefix: str = "") -> list[Path]:
     for entry in sorted(folder.iterdir()):
         if not entry.name.startswith(prefix):
             continue
-        for mark in (TMP_MARK, STAGING_MARK, OLD_MARK):
+        for mark in (TMP_MARK, STAGING_MARK, OLD_MARK, SCRATCH_MARK):
             pid = _pid_of(entry.name, mark)
             if pid is None or _alive(pid):
                 continue
@@ -169,3 +175,15 @@ def staged_folder(final: str | os.PathLike, *, drop: tuple[str, ...] = ()) -> It
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def scratch_folder(label: str, root: str | os.PathLike | None = None) -> Iterator[Path]:
+    """A new private folder under `root` (the system's temporary folder), removed when the block ends; its
+    name carries this process's pid, so `remove_stale(root, prefix="bitmixer-")` removes it once the
+    process is gone without having removed it (SIGKILL, a lost node)."""
+    folder = Path(tempfile.mkdtemp(prefix=f"bitmixer-{label}-", suffix=f"{SCRATCH_MARK}{os.getpid()}", dir=root))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -19,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -94,12 +92,9 @@ def local_folder(checkpoint) -> Iterator[Path]:
     if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
         yield Path(checkpoint.path)
         return
-    copy = Path(tempfile.mkdtemp(prefix="bitmixer-resume-"))
-    try:
+    with atomic.scratch_folder("resume") as copy:
         checkpoint.to_directory(str(copy))
         yield copy
-    finally:
-        shutil.rmtree(copy, ignore_errors=True)
 
 
 def _one_reason(reasons: list[str | None]) -> str | None:

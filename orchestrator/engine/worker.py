@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from orchestrator import atomic
 from orchestrator.engine.config import StageConfig
 
 CHECKPOINT_TAG = "deepspeed"  # one tag per reported checkpoint folder (Ray keeps one folder per epoch)
@@ -256,8 +256,7 @@ class StageWorker:
         from ray.train import Checkpoint
 
         from orchestrator.engine.resume import write_manifest
-        folder = Path(tempfile.mkdtemp(prefix=f"bitmixer-{self.cfg.name}-e{epoch}-"))
-        try:
+        with atomic.scratch_folder(f"{self.cfg.name}-e{epoch}") as folder:
             self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, client_state={"epoch": epoch},
                                         save_latest=True)
             if self.rank == 0:
@@ -265,8 +264,6 @@ class StageWorker:
                               last=epoch == self.cfg.optim.epochs - 1)
             write_manifest(folder, rank=self.rank, world_size=self.world_size)  # this rank's last file there
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)))
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
 
     def run(self) -> None:
         self.build_engine(self.prepare_model())
@@ -326,6 +323,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from orchestrator.engine.build_cache import use_environment_build_tools
     use_environment_build_tools()  # the environment's ninja, as in every other process: no rebuild
     clear_stale_build_locks(os.environ["TORCH_EXTENSIONS_DIR"])
+    atomic.remove_stale(tempfile.gettempdir(), prefix="bitmixer-")  # scratch folders of killed workers
     from orchestrator.data.compile_cache import enable_compile_cache
     enable_compile_cache()  # the loaders' numba code compiled once per machine, not once per worker
     StageWorker(cfg, run_id=loop_config["run_id"], run_dir=loop_config.get("run_dir"),
