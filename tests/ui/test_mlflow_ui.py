@@ -162,6 +162,7 @@ def test_pipeline_run_is_the_place_to_compare(browser):
     text = page.inner_text("body")
     browser.close_assistant(page)
     browser.screenshot(page, "pipeline_run_overview.png")
+    page.set_viewport_size({"width": 1600, "height": 2000})  # tall enough for every headline figure below the tables
     page.get_by_text("resnet_tiny/stage3/top1_2bit").first.scroll_into_view_if_needed()
     browser.screenshot(page, "pipeline_run_headline_metrics.png")
     assert "Table 7: top-1 (%) per bit-width" in text
