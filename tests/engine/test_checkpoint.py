@@ -30,7 +30,7 @@ def test_model_pt_round_trip_keeps_everything(tmp_path):
     path = save_model_pt(tmp_path / "model.pt", net=net, model_name=MODEL.name, build_kwargs=MODEL.build_kwargs(),
                          stage="two", epoch=3, metrics={"val/top1_4bit": 50.0})
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temp file left behind
-    payload = torch.load(path, weights_only=False)
+    payload = torch.load(path, weights_only=True)  # what the engine writes is data only
     assert set(payload) == {"model_name", "build_kwargs", "state_dict", "stage", "epoch", "metrics"}
     again = load_model(str(tmp_path))  # a folder holding model.pt is accepted too
     assert state_dict_digest(again.state_dict()) == state_dict_digest(net.state_dict())
@@ -42,7 +42,7 @@ def test_model_pt_is_fp32_on_disk_whatever_the_engine_used(tmp_path):
     net = trained_like_net().bfloat16()
     save_model_pt(tmp_path / "model.pt", net=net, model_name=MODEL.name, build_kwargs=MODEL.build_kwargs(),
                   stage="three", epoch=0, metrics={})
-    state = torch.load(tmp_path / "model.pt", weights_only=False)["state_dict"]
+    state = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
 
 

@@ -96,11 +96,11 @@ def test_stage_two_started_from_stage_one_weights(env, stages):
 
     from orchestrator.engine.checkpoint import state_dict_digest
     from orchestrator.tracking.stage_run import TAG_INIT_DIGEST
-    stage_one = torch.load(stages["one"].model_path, map_location="cpu", weights_only=False)
+    stage_one = torch.load(stages["one"].model_path, map_location="cpu", weights_only=True)
     assert stage_one["stage"] == "one" and stage_one["epoch"] == STAGE_EPOCHS["one"] - 1
     tags = client(env).get_run(stages["two"].mlflow_run_id).data.tags
     assert tags[TAG_INIT_DIGEST] == state_dict_digest(stage_one["state_dict"])
-    stage_two = torch.load(stages["two"].model_path, map_location="cpu", weights_only=False)
+    stage_two = torch.load(stages["two"].model_path, map_location="cpu", weights_only=True)
     tags3 = client(env).get_run(stages["three"].mlflow_run_id).data.tags
     assert tags3[TAG_INIT_DIGEST] == state_dict_digest(stage_two["state_dict"])
 
