@@ -171,8 +171,8 @@ def load_weights(net: nn.Module, uri: str, *, expect_model: str, tracking_uri: s
     Transitional-BN Stage II model) is rebuilt as saved and loaded through core.load_across_bn_modes."""
     payload = read_model_pt(uri, tracking_uri)
     if payload.get("model_name") != expect_model:
-        raise ValueError(f"checkpoint {uri!r} holds a {payload.get('model_name')!r}, not a {expect_model!r}; "
-                         f"init_from / teacher_uri must come from the same architecture.")
+        raise ValueError(f"checkpoint {redact_uri(uri)!r} holds a {payload.get('model_name')!r}, not a "
+                         f"{expect_model!r}; init_from / teacher_uri must come from the same architecture.")
     saved_bn = payload.get("build_kwargs", {}).get("bn", "transitional")
     if bn is not None and saved_bn != bn:
         core.load_across_bn_modes(net, model_from_payload(payload))

@@ -56,10 +56,11 @@ def _load_teacher(cfg: StageConfig, device: torch.device):
     import bitmixer_core as core
     from orchestrator.engine.checkpoint import model_from_payload, read_model_pt
     from orchestrator.engine.subnets import set_stage_precision
+    from orchestrator.tracking.credentials import redact_uri
     payload = read_model_pt(cfg.distill.teacher_uri, cfg.tracking.tracking_uri)
     if payload.get("model_name") != cfg.model.name:
-        raise ValueError(f"the teacher {cfg.distill.teacher_uri!r} is a {payload.get('model_name')!r}, not a "
-                         f"{cfg.model.name!r}; distillation needs a teacher of the same architecture.")
+        raise ValueError(f"the teacher {redact_uri(cfg.distill.teacher_uri)!r} is a {payload.get('model_name')!r}, "
+                         f"not a {cfg.model.name!r}; distillation needs a teacher of the same architecture.")
     teacher = model_from_payload(payload)
     set_stage_precision(teacher, payload.get("stage", "fp32"))
     core.set_bits(teacher, max(cfg.model.bits_activations))
