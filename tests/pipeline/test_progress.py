@@ -98,3 +98,25 @@ def test_running_stages_are_read_from_the_tracking_store(tmp_path):
     assert found["r/main/two"]["epochs_done"] == 2 and found["r/main/two"]["epoch_seconds"] == 4.0
     assert found["r/main/three"]["epochs_done"] == 1 and found["r/main/three"]["note"] == "k0.667 ramp1 linear"
     assert set(found) == {"r/main/two", "r/main/three"}
+
+
+@pytest.mark.parametrize("address", [None, "auto"])
+def test_ray_worker_output_stays_out_of_the_terminal(address, monkeypatch):
+    """The terminal is the progress board: the pipeline's Ray (local, or the cluster of a submitted job) is
+    joined with log_to_driver=False, so workers' and the Train controller's lines stay in Ray's log files."""
+    import ray
+
+    from orchestrator.pipeline import app
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: calls.append(kwargs))
+    monkeypatch.delenv("RAY_JOB_ID", raising=False)
+    if address:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    app._connect_ray({"MLFLOW_TRACKING_URI": "sqlite:////tmp/x.db"})
+    (kwargs,) = calls
+    assert kwargs["log_to_driver"] is False
+    assert kwargs["runtime_env"] == {"env_vars": {"MLFLOW_TRACKING_URI": "sqlite:////tmp/x.db"}}
