@@ -155,3 +155,23 @@ def test_sweep_parent_is_tagged_with_stage_and_architecture(tmp_path):
     assert tags["mlflow.parentRunId"] == parent
     assert client.get_run(sweep).info.run_name == "stage3 ebn_tiny sweep"
     assert _sweep_run(base, parent, "sweep-key") == sweep
+
+
+def test_experiment_opens_in_the_model_training_view_with_a_description(tmp_path):
+    """The MLflow UI opens an experiment in its GenAI view unless the experiment's kind says otherwise: the
+    pipeline's experiment, and one a stage creates on its own, are tagged for model training; the
+    pipeline's also says what it holds."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.pipeline.app import _experiment
+    from orchestrator.tracking.stage_run import experiment_id
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    cfg = load_pipeline_config(CONFIGS / "embedded.yaml")
+    tags = client.get_experiment(_experiment(client, cfg, uri, tmp_path)).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "Bit-Mixer pipeline `embedded`" in tags["mlflow.note.content"]
+    assert "<architecture>/stage3/top1_<b>bit" in tags["mlflow.note.content"]  # where to compare
+    alone = client.get_experiment(experiment_id(uri, "a-stage-on-its-own")).tags
+    assert alone["mlflow.experimentKind"] == "custom_model_development"
