@@ -14,12 +14,21 @@ from orchestrator.engine.build_cache import torch_extensions_dir
 # those pages mapped from one step to the next; the price is that a worker keeps its peak heap.
 ALLOCATOR_VARIABLES = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(16 * 2**30)}
 
+# Ray Train starts a PreemptionWatcher actor beside every worker group: a process of its own (2.3-3.3
+# CPU-seconds a Train run on the 2-core machine, most of it starting Python and Ray) that polls Ray every
+# 5 s for a node being drained (a spot instance taken back). A run on this machine alone has no node to
+# drain, so it goes without; a cluster keeps it. Ray Train reads the variable in its controller, which
+# inherits it from the job's runtime environment (and from the process that builds the TorchTrainer).
+LOCAL_RUN_VARIABLES = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
 
 def worker_environment(*, local_cpu: bool) -> dict[str, str]:
     """Variables for the runtime environment of the Ray job that runs stages. A value the user already set
-    wins. `local_cpu`: gloo on this machine alone, so it binds to the loopback interface."""
+    wins. `local_cpu`: gloo on this machine alone, so it binds to the loopback interface, and Ray Train's
+    helpers that only a cluster uses stay off (LOCAL_RUN_VARIABLES)."""
     env = {"TORCH_EXTENSIONS_DIR": torch_extensions_dir(),
            **{name: os.environ.get(name, value) for name, value in ALLOCATOR_VARIABLES.items()}}
     if local_cpu:
         env["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
+        env.update({name: os.environ.get(name, value) for name, value in LOCAL_RUN_VARIABLES.items()})
     return env

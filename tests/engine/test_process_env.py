@@ -66,3 +66,17 @@ def test_gloo_binds_to_loopback_only_for_a_local_cpu_run(monkeypatch):
     monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
     assert worker_environment(local_cpu=True)["GLOO_SOCKET_IFNAME"] == "lo"
     assert "GLOO_SOCKET_IFNAME" not in worker_environment(local_cpu=False)
+
+
+def test_a_local_run_goes_without_ray_trains_preemption_watcher_and_a_cluster_keeps_it(monkeypatch):
+    """The variable is the one Ray Train's controller reads (and passes on): a renamed one would silently
+    start the watcher again."""
+    from ray.train.v2._internal import constants
+    from orchestrator.engine.process_env import LOCAL_RUN_VARIABLES
+    name = constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR
+    assert LOCAL_RUN_VARIABLES == {name: "0"} and name in constants.ENV_VARS_TO_PROPAGATE
+    monkeypatch.delenv(name, raising=False)
+    assert worker_environment(local_cpu=True)[name] == "0"
+    assert name not in worker_environment(local_cpu=False)
+    monkeypatch.setenv(name, "1")  # a user's own value wins
+    assert worker_environment(local_cpu=True)[name] == "1"
