@@ -44,9 +44,10 @@ def check_storage_path(value: str) -> str:
     if not looks_like_uri:
         return value
     if scheme not in STORAGE_SCHEMES or not rest.startswith("//") or (scheme != "file" and not rest[2:].split("/")[0]):
-        raise ValueError(f"storage path {value!r} is neither a local folder nor a URI like s3://bucket/prefix; "
-                         f"write it as <scheme>://<bucket>/<prefix> with a scheme of {', '.join(STORAGE_SCHEMES)}, "
-                         f"or give a local folder.")
+        from orchestrator.tracking.credentials import redact_uri
+        raise ValueError(f"storage path {redact_uri(value)!r} is neither a local folder nor a URI like "
+                         f"s3://bucket/prefix; write it as <scheme>://<bucket>/<prefix> with a scheme of "
+                         f"{', '.join(STORAGE_SCHEMES)}, or give a local folder.")
     return value
 
 

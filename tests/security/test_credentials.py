@@ -110,6 +110,16 @@ def test_redaction_of_uris_and_configs():
     assert SECRET not in redact_text(f"failed: POST http://{USER}:{SECRET}@h:5000/api/2.0 (401)")
 
 
+def test_a_refused_storage_path_is_quoted_without_its_credentials():
+    """storage_path with a scheme Ray cannot write to is refused in a sentence that names it without its
+    userinfo."""
+    from orchestrator.engine.config import check_storage_path
+
+    with pytest.raises(ValueError, match="neither a local folder") as info:
+        check_storage_path(f"ftp://{USER}:{SECRET}@files.example.com/checkpoints")
+    assert SECRET not in str(info.value) and "ftp://files.example.com/checkpoints" in str(info.value)
+
+
 def test_server_refuses_unauthenticated_clients(server):
     """The shipped setting is closed: without credentials the API answers 401, with them 200."""
     assert _search_experiments(server.uri) == 401
