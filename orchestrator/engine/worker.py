@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +21,25 @@ from orchestrator.engine.config import StageConfig
 
 CHECKPOINT_TAG = "deepspeed"  # one tag per reported checkpoint folder (Ray keeps one folder per epoch)
 STATE_FILE = "engine_state.pt"
+
+
+@contextlib.contextmanager
+def _mlflow_not_importable():
+    """Inside the block `import mlflow` raises ImportError, unless mlflow is already imported.
+
+    DeepSpeed imports mlflow when it is itself imported (deepspeed.autotuning.autotuner, inside a `try`, for
+    its autotuner, which a stage never runs): 1 of the 1.3 CPU-seconds of `import deepspeed` on the 2-core
+    machine. Only the rank that logs needs mlflow (RunLogger has imported it there already); the others
+    import DeepSpeed without it. Afterwards mlflow imports again as usual (a teacher read from MLflow)."""
+    if "mlflow" in sys.modules:
+        yield
+        return
+    sys.modules["mlflow"] = None  # the import system's mark for "not importable"
+    try:
+        yield
+    finally:
+        if "mlflow" in sys.modules and sys.modules["mlflow"] is None:
+            del sys.modules["mlflow"]
 
 
 def _device(use_gpu: bool) -> torch.device:
@@ -173,7 +193,8 @@ class StageWorker:
         """Loaders (this rank's shard; `loaders` = (train, val) reuses built ones), activation calibration,
         the DeepSpeed engine with its schedule, the teacher and the sub-net sampler; then the resumed
         checkpoint, if any."""
-        import deepspeed
+        with _mlflow_not_importable():
+            import deepspeed
 
         import bitmixer_core as core
         from orchestrator.data.loaders import build_loaders

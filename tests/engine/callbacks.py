@@ -23,6 +23,22 @@ class SubnetFingerprints(StageCallback):
         metrics["subnet_digests"] = digests
 
 
+class MlflowImported(StageCallback):
+    """Whether each rank's process has imported mlflow, gathered into rank 0's report as `mlflow_imported`
+    (in rank order): only the rank that logs needs it."""
+
+    def on_epoch_end(self, worker, epoch, metrics):
+        import sys
+
+        import torch.distributed as dist
+        imported = [None] * worker.world_size
+        if dist.is_initialized():
+            dist.all_gather_object(imported, "mlflow" in sys.modules)
+        else:
+            imported = ["mlflow" in sys.modules]
+        metrics["mlflow_imported"] = imported
+
+
 def recorded(run_dir: str | None, epoch: int) -> bool:
     """Whether Ray's checkpoint_manager_snapshot.json of the run holds the epoch's checkpoint."""
     if run_dir is None:

@@ -54,10 +54,10 @@ def stage_config(env, name, policy, epochs, lr_peak=5e-3, **extra):
 @pytest.fixture(scope="module")
 def stages(env):
     from orchestrator.engine import run_stage
-    from tests.engine.callbacks import CrashAfterEpoch, SubnetFingerprints
+    from tests.engine.callbacks import CrashAfterEpoch, MlflowImported, SubnetFingerprints
     fingerprints = SubnetFingerprints()
     one = run_stage(stage_config(env, "digits-stage1", dict(stage="one"), STAGE_EPOCHS["one"]),
-                    callbacks=[fingerprints])
+                    callbacks=[fingerprints, MlflowImported()])
     two = run_stage(stage_config(
         env, "digits-stage2", dict(stage="two"), STAGE_EPOCHS["two"], init_from=one.model_path,
         distill=dict(teacher="path", teacher_uri=f"runs:/{one.mlflow_run_id}/model.pt", temperature=2.0,
@@ -133,6 +133,12 @@ def test_mlflow_holds_tables_checkpoints_and_tags(env, stages):
         assert sorted(m.step for m in history) == list(range(STAGE_EPOCHS[stage]))
     net = load_model(f"runs:/{stages['three'].mlflow_run_id}/model.pt", tracking_uri=env["mlflow"].uri)
     assert sum(p.numel() for p in net.parameters()) > 0
+
+
+def test_only_the_rank_that_logs_imports_mlflow(stages):
+    """Stage I reads nothing from MLflow, so rank 1 never needs mlflow: DeepSpeed's own import of it (for
+    its autotuner) is kept out of the worker that does not log."""
+    assert stages["one"].metrics["mlflow_imported"] == [True, False]
 
 
 def test_ranks_drew_identical_subnets(stages):
