@@ -5,10 +5,13 @@ the Train controller, each helper actor, the workers, Ray's own daemons).
 
 `bench/stage_startup.py` splits one worker's steps; this is the rest of a stage's price, which the default
 pipeline pays once per Train run. Each setting in --env runs as its own stage, in the same bench, so the
-rows compare on the same machine at the same time.
+rows compare on the same machine at the same time. The driver starts with the variables the pipeline gives
+its stage tasks on a local run (`worker_environment(local_cpu=True)` of the code it runs). --baseline runs
+the same stage from another checkout of the code too (`git archive <commit> | tar -x -C DIR`), interleaved.
 
     python bench/stage_cpu.py                                   # the defaults
-    python bench/stage_cpu.py --env RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0 --repeats 2
+    python bench/stage_cpu.py --env RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=1 --repeats 2
+    python bench/stage_cpu.py --baseline /tmp/before --repeats 2
 """
 from __future__ import annotations
 
@@ -60,7 +63,17 @@ def _kind(cmdline: str) -> str:
     return cmdline.split(" ")[0].rsplit("/", 1)[-1] or "?"
 
 
-def _stage(data: str, tracking_uri: str, workdir: Path, env: dict[str, str], name: str) -> dict:
+def _local_run_environment(code: Path) -> dict[str, str]:
+    """The variables the pipeline gives its stage tasks on a local CPU run, as the code in `code` says."""
+    out = subprocess.run([sys.executable, "-c", "import json; from orchestrator.engine.process_env import "
+                          "worker_environment as w; print(json.dumps(w(local_cpu=True)))"],
+                         cwd=code, env={**os.environ, "PYTHONPATH": str(code)}, capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _stage(data: str, tracking_uri: str, workdir: Path, env: dict[str, str], name: str,
+           code: Path = REPO) -> dict:
     config = dict(
         name=name, model=dict(name="resnet_tiny", num_classes=10, stem="small", first_last="fp32"),
         data=dict(path=data, train_resolution=32, val_resolution=32, val_crop_ratio=1.0, batch_size=32,
@@ -72,7 +85,8 @@ def _stage(data: str, tracking_uri: str, workdir: Path, env: dict[str, str], nam
     cfg_path, result_path = workdir / f"{name}.json", workdir / f"{name}.result.json"
     cfg_path.write_text(json.dumps(config))
     proc = subprocess.Popen([sys.executable, "-m", "tests.faults.stage_driver", str(cfg_path), str(result_path)],
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **env},
+                            cwd=code, env={**os.environ, "PYTHONPATH": str(code), **_local_run_environment(code),
+                                           **env},
                             stdout=open(workdir / f"{name}.log", "wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     start, last = time.perf_counter(), {}
@@ -95,11 +109,18 @@ def main() -> int:
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
                         help="a setting to compare against the defaults (one stage per setting and repeat)")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="another checkout of the code, run as one more setting (with no --env of its own)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from orchestrator.data.embedded import write_embedded_digits
     from tests.servers import MLflowServer
     settings = [{}] + [dict(item.split("=", 1) for item in spec.split(",")) for spec in args.env]
+    codes = [REPO] * len(settings)
+    if args.baseline:
+        settings.append({})
+        codes.append(args.baseline.resolve())
+    labels = [str(env or "(defaults)") + ("" if code == REPO else f" code {code}") for env, code in zip(settings, codes)]
     with tempfile.TemporaryDirectory(prefix="stage-cpu-") as tmp:
         workdir = Path(tmp)
         data = str(write_embedded_digits(workdir / "digits"))
@@ -107,14 +128,14 @@ def main() -> int:
         with MLflowServer(workdir / "mlflow") as server:
             for repeat in range(args.repeats):
                 for index, env in enumerate(settings):  # interleaved, so drifting load hits every setting
-                    result = _stage(data, server.uri, workdir, env, f"s{index}-r{repeat}")
+                    result = _stage(data, server.uri, workdir, env, f"s{index}-r{repeat}", codes[index])
                     rows.append((index, result))
-                    print(f"setting {index} {env or '(defaults)'}: wall {result['wall_s']:.1f} s, "
+                    print(f"setting {index} {labels[index]}: wall {result['wall_s']:.1f} s, "
                           f"CPU {result['cpu_s']:.1f} s", flush=True)
     for index, env in enumerate(settings):
         mine = [r for i, r in rows if i == index]
         kinds = sorted({k for r in mine for k in r["by_kind"]}, key=lambda k: -mine[0]["by_kind"].get(k, 0))
-        print(f"\n{env or '(defaults)'}: median wall {sorted(r['wall_s'] for r in mine)[len(mine) // 2]:.1f} s, "
+        print(f"\n{labels[index]}: median wall {sorted(r['wall_s'] for r in mine)[len(mine) // 2]:.1f} s, "
               f"median CPU {sorted(r['cpu_s'] for r in mine)[len(mine) // 2]:.1f} s")
         for kind in kinds:
             print(f"  {kind:40s} " + "  ".join(f"{r['by_kind'].get(kind, 0):6.1f}" for r in mine))
