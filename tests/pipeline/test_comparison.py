@@ -175,3 +175,37 @@ def test_experiment_opens_in_the_model_training_view_with_a_description(tmp_path
     assert "<architecture>/stage3/top1_<b>bit" in tags["mlflow.note.content"]  # where to compare
     alone = client.get_experiment(experiment_id(uri, "a-stage-on-its-own")).tags
     assert alone["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_the_pipeline_prints_the_link_to_its_run_first(tmp_path, monkeypatch):
+    """Before any stage starts, the pipeline prints the address of its own run in the model-training view
+    (data preparation and Ray are replaced here; the stages fail at once)."""
+    from mlflow.tracking import MlflowClient
+
+    import orchestrator.pipeline.runner as runner
+    from orchestrator.pipeline import app
+
+    class NoStages(RuntimeError):
+        pass
+
+    def no_stages(*args, **kwargs):
+        raise NoStages("the stages are not run by this test")
+    monkeypatch.setattr(app, "prepare_data", lambda cfg, work_dir: work_dir / "digits")
+    monkeypatch.setattr(app, "check_data_folder", lambda *args, **kwargs: None)
+    monkeypatch.setattr(app, "_connect_ray", lambda env_vars: False)
+    monkeypatch.setattr(runner, "run_plan", no_stages)
+    cfg = load_pipeline_config(CONFIGS / "embedded.yaml")
+    cfg.work_dir = str(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg.tracking.tracking_uri = uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the pipeline sets it for its stages; restored afterwards
+    lines = []
+    try:
+        app.run_pipeline(cfg, log=lines.append)
+    except NoStages:
+        pass
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    (run,) = client.search_runs([experiment], filter_string="tags.`bitmixer.pipeline` = 'embedded'")
+    link = f"[pipeline] run: {run_link(uri, experiment, run.info.run_id)}"
+    assert link in lines and "workflowType=machine_learning" in link
