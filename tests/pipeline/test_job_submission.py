@@ -3,9 +3,11 @@ whose artifacts go to S3 (moto_server on loopback), Ray checkpoints in S3 too; t
 which must find every stage done and train nothing twice."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,8 +51,14 @@ class RayHead:
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}",
              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-             "--num-cpus=2", f"--temp-dir={self.temp_dir}", "--include-dashboard=true"],
-            env=env, cwd=workdir, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+             "--num-cpus=2", f"--temp-dir={self.temp_dir}", "--include-dashboard=true",
+             # The job agent's port too (Ray's default 52365 is taken by any other head on the machine, and
+             # `ray job submit` then finds "No available agent" until it gives up).
+             f"--dashboard-agent-listen-port={free_port()}"],
+            # On SIGTERM, `ray start --block` first drains the node for up to 30 s (for Serve replicas); this
+            # head serves none, so it stops at once.
+            env={**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}, cwd=workdir, stdout=self._log,
+            stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_for_http(f"{self.address}/api/version", self.proc, self.log_path, timeout_s=120)
         except BaseException:
@@ -59,6 +67,8 @@ class RayHead:
 
     def stop(self) -> None:
         stop_process_group(self.proc, grace_s=30)
+        with contextlib.suppress(ProcessLookupError):  # what outlived `ray start` in its session (the dashboard agent)
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self._log.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
