@@ -92,8 +92,10 @@ def _stage(data: str, tracking_uri: str, workdir: Path, env: dict[str, str], nam
     start, last = time.perf_counter(), {}
     while proc.poll() is None:
         for pid, (kind, cpu) in _session_processes(proc.pid).items():
-            # An exited process (a zombie until reaped) has no command line left: keep what it was.
-            last[pid] = (last[pid][0] if pid in last and kind == "?" else kind, cpu)
+            # An exited process (a zombie until reaped) has no command line left: keep what it was; a Train
+            # worker stays one (while it runs a method Ray may title it 'ray::execute').
+            keep = pid in last and (kind == "?" or last[pid][0] == "Train worker")
+            last[pid] = (last[pid][0] if keep else kind, cpu)
         time.sleep(0.25)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
