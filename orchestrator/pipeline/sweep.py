@@ -28,6 +28,7 @@ TAG_BEST_TRIAL = "bitmixer.best_trial"
 # that to True in the last result of a trial its scheduler stopped, and an ASHA-stopped trial (its run KILLED,
 # no model.pt) would then be counted, and could be chosen, as a finished one.
 COMPLETED = "stage_completed"
+POLL_S = 2.0  # how often a trial reads its stage's new evaluations from MLflow and reports them to Tune
 
 
 def objective(metrics: dict, bits: list[int], name: str, split: str = HOLDOUT_PREFIX) -> float | None:
@@ -119,7 +120,7 @@ def _trial(config: dict) -> None:
     worker.start()
     reported, run_id = set(), None
     while worker.is_alive():
-        worker.join(timeout=5.0)
+        worker.join(timeout=POLL_S)
         run_id = run_id or _running_run_id(cfg, digest)
         if run_id is None or not worker.is_alive():
             continue

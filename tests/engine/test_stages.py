@@ -162,15 +162,17 @@ def test_killed_worker_resumes_from_last_checkpoint(env, stages):
     assert sorted(m.step for m in history) == list(range(STAGE_EPOCHS["three"]))
 
 
-SWEEP_EPOCHS, SWEEP_GRACE = 16, 5  # one ASHA rung, at epoch 5 (16 / 5 < the reduction factor 4)
+# One ASHA rung, at epoch 6 (23 / 6 < the reduction factor 4); the 17 epochs after it leave the trial, which
+# reads its evaluations every few seconds, ample time to see its sixth before its stage could end.
+SWEEP_EPOCHS, SWEEP_GRACE = 23, 6
 
 
 @pytest.fixture(scope="module")
 def asha_sweep(env, stages):
     """A real Tune sweep of Stage III (the project's run_sweep, ASHA on, one trial at a time) from the Stage II
     model. Its first trial is found FINISHED with perfect held-out scores (what a re-submitted sweep meets),
-    so rung 5's bar is 100%: the trial trained now is below it at its fifth evaluation, whatever its
-    figures, and ASHA stops it there, long before its 16 epochs."""
+    so the rung's bar is 100%: the trial trained now is below it at its sixth evaluation, whatever its
+    figures, and ASHA stops it there, long before its 23 epochs."""
     from orchestrator.engine.config import config_hash
     from orchestrator.pipeline.config import SweepSpec
     from orchestrator.pipeline.sweep import run_sweep, trial_config
@@ -204,18 +206,21 @@ def _metric(key, value):
 
 
 def test_asha_stopped_trial_ends_killed(env, asha_sweep):
-    """A trial ASHA stops early ends KILLED in MLflow, never RUNNING, with fewer epochs logged than the sweep's
-    max_t; every run of the sweep ends FINISHED or KILLED, and the stopped trial is not counted as one that
+    """A trial ASHA stops early ends KILLED (or FAILED) in MLflow, never RUNNING, with fewer epochs logged than
+    the sweep's max_t; no run of the sweep is left RUNNING, and the stopped trial is not counted as one that
     completed (the sweep's best is the trial found done)."""
     from orchestrator.tracking.stage_run import TAG_STATUS
     c = client(env)
     exp = c.get_experiment_by_name("engine-sweep")
     runs = c.search_runs([exp.experiment_id], max_results=100)
-    assert {r.info.status for r in runs} <= {"FINISHED", "KILLED"}, [(r.info.run_name, r.info.status) for r in runs]
+    assert {r.info.status for r in runs} <= {"FINISHED", "KILLED", "FAILED"}, [(r.info.run_name, r.info.status)
+                                                                            for r in runs]
     trials = [r for r in runs if r.data.tags.get("bitmixer.config_hash") and r.info.run_id != asha_sweep["bar"]]
     assert len(trials) == 1, [r.info.run_name for r in trials]
     (stopped,) = trials
-    assert stopped.info.status == "KILLED" and stopped.data.tags[TAG_STATUS] == "KILLED"
+    # The sweep ends the runs its stopped trials left open KILLED; the stage of a stopped trial may still close
+    # its own run FAILED first, while Tune tears the trial's process down (both are "not RUNNING").
+    assert stopped.info.status in ("KILLED", "FAILED") and stopped.data.tags[TAG_STATUS] in ("KILLED", "FAILED")
     epochs = {m.step for m in c.get_metric_history(stopped.info.run_id, "holdout/top1_4bit")}
     print("stopped trial evaluated at epochs", sorted(epochs))
     assert SWEEP_GRACE - 1 in epochs and max(epochs) < SWEEP_EPOCHS - 1, sorted(epochs)
