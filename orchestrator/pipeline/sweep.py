@@ -167,6 +167,25 @@ def _sweep_run(base: StageConfig, parent_run_id: str | None, sweep_key: str) -> 
     return run.info.run_id
 
 
+def end_stopped_trials(tracking_uri: str, results) -> list[str]:
+    """Mark the stage runs of trials the scheduler stopped (Tune results with no error whose stage did not
+    complete) KILLED, also where the trial's stage closed its run FAILED while Tune tore the trial's process
+    down: that run did not fail, it was stopped. A stage that finished (model.pt logged) just before its trial
+    was stopped keeps FINISHED. Returns the runs marked."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking.stage_run import STATUS_KILLED, close_stage_run
+    client = MlflowClient(tracking_uri=tracking_uri)
+    ended = []
+    for result in results:
+        run_id = (result.metrics or {}).get("run_id")
+        if result.error is None and run_id and not result.metrics.get(COMPLETED) \
+                and client.get_run(run_id).info.status != "FINISHED":
+            close_stage_run(tracking_uri, run_id, succeeded=False, status=STATUS_KILLED)
+            ended.append(run_id)
+    return ended
+
+
 def run_sweep(base: StageConfig, spec: SweepSpec, *, trial_cpus: float, storage_path: str, key: str,
               parent_run_id: str | None, retrain: bool = False) -> StageOutcome:
     """Run the Stage III sweep for one architecture; the outcome is the best trial's."""
@@ -205,6 +224,8 @@ def run_sweep(base: StageConfig, spec: SweepSpec, *, trial_cpus: float, storage_
         raise
     # Trials that ASHA stopped (or that died) leave their stage runs open: they end KILLED, never RUNNING.
     end_open_runs(base.tracking.tracking_uri, sweep_run_id, STATUS_KILLED)
+    end_stopped_trials(base.tracking.tracking_uri, list(grid))
+    client = MlflowClient(tracking_uri=base.tracking.tracking_uri)
     trials = []
     for result in grid:
         if result.error is None and result.metrics and result.metrics.get(COMPLETED):
@@ -214,7 +235,6 @@ def run_sweep(base: StageConfig, spec: SweepSpec, *, trial_cpus: float, storage_
         raise RuntimeError(f"every trial of the Stage III sweep failed: {'; '.join(errors) or 'no result'}")
     best = max(trials, key=lambda r: r.metrics["objective"])
     run_id = best.metrics["run_id"]
-    client = MlflowClient(tracking_uri=base.tracking.tracking_uri)
     run = client.get_run(run_id)
     metrics = dict(run.data.metrics)
     client.log_metric(sweep_run_id, "best_objective", float(best.metrics["objective"]))

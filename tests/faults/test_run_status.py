@@ -93,6 +93,33 @@ def test_open_runs_under_a_run_end_killed(server, client, request):
     assert client.get_run(done).info.status == "FINISHED"
 
 
+def test_trials_the_scheduler_stopped_end_killed_even_when_their_stage_closed_them_failed(server, client, request):
+    """A trial ASHA stopped (no error, stage not completed) ends KILLED, also when its stage closed the run FAILED
+    while Tune tore the trial down; a completed trial, a failed trial and a run that finished just before its
+    trial was stopped keep their status."""
+    from types import SimpleNamespace
+
+    from orchestrator.pipeline.sweep import COMPLETED, end_stopped_trials
+    experiment = request.node.name
+    open_run, closed_failed, finished_late, completed, errored = (_run(client, experiment) for _ in range(5))
+    client.set_terminated(closed_failed, "FAILED")
+    for run_id in (finished_late, completed):
+        client.set_terminated(run_id, "FINISHED")
+    client.set_terminated(errored, "FAILED")
+    results = [SimpleNamespace(error=None, metrics={"run_id": open_run, COMPLETED: False}),
+               SimpleNamespace(error=None, metrics={"run_id": closed_failed, COMPLETED: False}),
+               SimpleNamespace(error=None, metrics={"run_id": finished_late, COMPLETED: False}),
+               SimpleNamespace(error=None, metrics={"run_id": completed, COMPLETED: True}),
+               SimpleNamespace(error=RuntimeError("worker died"), metrics={"run_id": errored, COMPLETED: False}),
+               SimpleNamespace(error=None, metrics={})]  # stopped before its stage opened a run
+    assert sorted(end_stopped_trials(server.uri, results)) == sorted([open_run, closed_failed])
+    for run_id in (open_run, closed_failed):
+        run = client.get_run(run_id)
+        assert run.info.status == "KILLED" and run.data.tags["bitmixer.status"] == "KILLED"
+    assert [client.get_run(r).info.status for r in (finished_late, completed, errored)] == ["FINISHED", "FINISHED",
+                                                                                          "FAILED"]
+
+
 def _stage_config(server, tmp_path, experiment, data):
     from orchestrator.engine import StageConfig
     return StageConfig.model_validate(dict(
