@@ -15,7 +15,7 @@ from orchestrator.engine.process_env import ALLOCATOR_VARIABLES, worker_environm
 ROOT = Path(__file__).resolve().parents[2]
 
 # Training steps of a Stage III-sized network (ResNet-18, batch 32 at 32x32: activations of 8 MiB), counting
-# the minor page faults of the steps after a warm-up.
+# the minor page faults of two steps after a warm-up step.
 STEPS = """
 import json, resource, torch, torch.nn.functional as F
 from bitmixer_core import build_model
@@ -28,12 +28,11 @@ def step():
     optimizer.zero_grad(set_to_none=True)
     F.cross_entropy(net(images), labels).backward()
     optimizer.step()
-for _ in range(2):
-    step()  # the warm-up maps what the later steps reuse
+step()  # the warm-up maps what the later steps reuse
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
+for _ in range(2):
     step()
-print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3))
+print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 2))
 """
 
 
