@@ -151,8 +151,11 @@ def _connect_ray(env_vars: dict[str, str]) -> bool:
     terminal, where the progress board says what runs; a failed stage's traceback still comes back with
     its outcome."""
     import ray
+
+    from orchestrator.pipeline.ray_output import quiet_expected_raylet_notices
     if ray.is_initialized():
         return False
+    quiet_expected_raylet_notices()
     with _keeping_sigterm_handler():
         if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
             ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), runtime_env={"env_vars": env_vars},
