@@ -36,7 +36,8 @@ OLD_MARK = ".old-"
 SCRATCH_MARK = ".scratch-"
 
 __all__ = ["TMP_MARK", "STAGING_MARK", "OLD_MARK", "temporary_name", "fsync_folder", "commit", "atomic_path",
-           "atomic_file", "write_bytes", "write_text", "copy_file", "remove_stale", "staged_folder", "scratch_folder", "SCRATCH_MARK"]
+           "atomic_file", "write_bytes", "write_text", "copy_file", "remove_stale", "staged_folder", "scratch_folder",
+           "SCRATCH_MARK"]
 
 
 @contextlib.contextmanager
@@ -102,9 +103,9 @@ def _alive(pid: int) -> bool:
 
 def remove_stale(folder: str | os.PathLike, prefix: str = "") -> list[Path]:
     """Delete what a killed writer left in `folder`: `*.tmp-<pid>` files and `*.staging-<pid>` /
-    `*.old-<pid>` / `*.scratch-<pid>` folders whose process is gone. An `.old-` folder whose final folder is missing (killed
-    between the two renames of `staged_folder`) is put back instead. Only names starting with `prefix` are
-    looked at. Returns what was removed."""
+    `*.old-<pid>` / `*.scratch-<pid>` folders whose process is gone. An `.old-` folder whose final folder is
+    missing (killed between the two renames of `staged_folder`) is put back instead. Only names starting with
+    `prefix` are looked at. Returns what was removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return []

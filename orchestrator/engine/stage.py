@@ -14,7 +14,7 @@ from orchestrator.engine.build_cache import torch_extensions_dir
 from orchestrator.engine.callbacks import StageCallback
 from orchestrator.engine.checkpoint import MODEL_FILE
 from orchestrator.engine.config import StageConfig, config_hash
-from orchestrator.engine.process_env import worker_environment
+from orchestrator.engine.process_env import local_cpu_run, worker_environment
 from orchestrator.tracking.reachability import check_tracking_reachable
 from orchestrator.tracking.stage_run import (STATUS_FAILED, STATUS_KILLED, TAG_ARCHITECTURE, TAG_CONFIG_HASH,
                                              TAG_STAGE, close_stage_run, open_stage_run, publish_model)
@@ -41,7 +41,7 @@ def _ensure_ray(cfg: StageConfig) -> None:
     import ray
     if ray.is_initialized():
         return
-    env = worker_environment(local_cpu=not cfg.scaling.use_gpu and not os.environ.get("RAY_ADDRESS"))
+    env = worker_environment(local_cpu=local_cpu_run(cfg.scaling.use_gpu))
     ray.init(runtime_env={"env_vars": env})
 
 

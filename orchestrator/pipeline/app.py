@@ -189,7 +189,7 @@ def _run_pipeline(cfg: PipelineConfig, *, log, retrain: bool) -> PipelineReport:
     from mlflow.tracking import MlflowClient
 
     from orchestrator.data.compile_cache import CACHE_DIR_VARIABLE, compile_cache_dir
-    from orchestrator.engine.process_env import worker_environment
+    from orchestrator.engine.process_env import local_cpu_run, worker_environment
     from orchestrator.tracking.reachability import check_tracking_reachable
     from orchestrator.tracking.config import TrackingConfig
     from orchestrator.tracking.credentials import (PASSWORD_VARIABLE, USERNAME_VARIABLE, credentials_to_environment,
@@ -229,8 +229,8 @@ def _run_pipeline(cfg: PipelineConfig, *, log, retrain: bool) -> PipelineReport:
             client.log_batch(run_id, params=params[i:i + 100])
         client.log_text(run_id, redact_text(dump_pipeline_config(cfg)), "config/pipeline.yaml")
 
-        local_cpu = not cfg.scaling.use_gpu and not (os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"))
-        env_vars = {**worker_environment(local_cpu=local_cpu), "MLFLOW_TRACKING_URI": tracking_uri,
+        env_vars = {**worker_environment(local_cpu=local_cpu_run(cfg.scaling.use_gpu)),
+                    "MLFLOW_TRACKING_URI": tracking_uri,
                     CACHE_DIR_VARIABLE: compile_cache_dir(),  # FFCV's numba code, compiled once per machine
                     "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
                     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
