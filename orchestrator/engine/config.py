@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Sequence
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
@@ -279,3 +279,26 @@ def config_hash(cfg: StageConfig) -> str:
     payload["data_manifest"] = manifest_digest(cfg.data.path)
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# What the stages of one Train run must share: its workers, their data and where its checkpoints go.
+SHARED_BY_MEMBERS = ("scaling", "data", "storage_path", "max_failures", "optim.epochs", "tracking.tracking_uri")
+
+
+def check_side_by_side(cfgs: Sequence[StageConfig]) -> None:
+    """Stages trained side by side share one Train run: its workers, loaders, epochs and checkpoint storage."""
+    if not cfgs:
+        raise ValueError("run_stages needs at least one stage config")
+    names = [cfg.name for cfg in cfgs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"stages trained side by side need distinct names (their checkpoint folders); got {names}")
+    for field_path in SHARED_BY_MEMBERS:
+        values = set()
+        for cfg in cfgs:
+            value = cfg
+            for part in field_path.split("."):
+                value = getattr(value, part)
+            values.add(repr(value))
+        if len(values) > 1:
+            raise ValueError(f"stages {names} differ in {field_path}, which stages trained side by side in one "
+                             f"Train run share; train them in runs of their own")

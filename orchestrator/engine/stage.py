@@ -1,7 +1,12 @@
 """Driver side of one stage: check the tracking store, open the MLflow run, fit a Ray TorchTrainer (Train V2)
-whose workers run `worker.train_loop_per_worker`, fetch the consolidated model.pt, close the run."""
+whose workers run `worker.train_loop_per_worker`, fetch the consolidated model.pt, close the run.
+
+`run_stages` trains several stages side by side in one Train run (the same worker processes, one epoch of
+each in turn): each keeps its own MLflow run, model.pt and results, and the run pays the start-up of Ray
+Train's processes once instead of once per stage."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -13,7 +18,7 @@ from orchestrator.data.folder import check_data_folder
 from orchestrator.engine.build_cache import torch_extensions_dir
 from orchestrator.engine.callbacks import StageCallback
 from orchestrator.engine.checkpoint import MODEL_FILE
-from orchestrator.engine.config import StageConfig, config_hash
+from orchestrator.engine.config import StageConfig, check_side_by_side, config_hash
 from orchestrator.engine.process_env import local_cpu_run, worker_environment
 from orchestrator.tracking.reachability import check_tracking_reachable
 from orchestrator.tracking.stage_run import (STATUS_FAILED, STATUS_KILLED, TAG_ARCHITECTURE, TAG_CONFIG_HASH,
@@ -45,9 +50,11 @@ def _ensure_ray(cfg: StageConfig) -> None:
     ray.init(runtime_env={"env_vars": env})
 
 
-def _fetch_model_pt(checkpoint, destination: Path) -> Path:
-    """Copy model.pt out of Ray's checkpoint (local folder or S3) to `destination`, atomically."""
-    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{MODEL_FILE}") as src:
+def _fetch_model_pt(checkpoint, folder: str, destination: Path) -> Path:
+    """Copy model.pt out of `folder` of Ray's checkpoint (local or S3; "" = the checkpoint's own folder) to
+    `destination`, atomically."""
+    source = "/".join(part for part in (checkpoint.path, folder, MODEL_FILE) if part)
+    with checkpoint.filesystem.open_input_stream(source) as src:
         return atomic.copy_file(src, destination)
 
 
@@ -80,6 +87,26 @@ def run_stage(cfg: StageConfig, *, retrain: bool = False, callbacks: Sequence[St
     failure, or a re-run after the driver was stopped); `retrain` starts from epoch 0 under a Ray run
     name of its own instead. `callbacks` run on every worker after each epoch (tests: fault injection,
     fingerprints)."""
+    return run_stages([cfg], retrain=retrain, callbacks=callbacks)[0]
+
+
+def train_run_name(cfgs: Sequence[StageConfig], digests: Sequence[str], *, retrain_id: str | None) -> str:
+    """Ray's name for the Train run: its stage(s) and a hash of their configs, so that a re-run of the same
+    stages resumes its own checkpoints, never another's; with `retrain_id`, a name of its own."""
+    if len(cfgs) == 1:
+        name, digest = cfgs[0].name, digests[0]
+    else:
+        name = os.path.commonprefix([cfg.name for cfg in cfgs]).rstrip("-_") or "stages"
+        name, digest = f"{name}-x{len(cfgs)}", hashlib.sha256("".join(digests).encode()).hexdigest()
+    return f"{name}-{digest[:12]}" + (f"-retrain-{retrain_id[:8]}" if retrain_id else "")
+
+
+def run_stages(cfgs: Sequence[StageConfig], *, retrain: bool = False,
+               callbacks: Sequence[StageCallback] = ()) -> list[StageResult]:
+    """Train stages side by side in one Train run (see the module's docstring), each to its end; the
+    results in the order of `cfgs`. A failure fails them all: each run ends FAILED (KILLED when stopped)."""
+    check_side_by_side(cfgs)
+    cfg = cfgs[0]
     check_tracking_reachable(cfg.tracking)  # one sentence now rather than a failure an hour later
     check_data_folder(cfg.data.path, num_classes=cfg.model.num_classes)  # likewise, before any run or worker
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -87,24 +114,27 @@ def run_stage(cfg: StageConfig, *, retrain: bool = False, callbacks: Sequence[St
 
     from orchestrator.engine.worker import train_loop_per_worker
 
-    digest = config_hash(cfg)
+    digests = [config_hash(member) for member in cfgs]
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
-    resolved = cfg.model_dump(mode="json")
-    run_id = open_stage_run(
-        tracking_uri=cfg.tracking.tracking_uri, experiment=cfg.tracking.experiment,
-        run_name=cfg.tracking.run_name or cfg.name, parent_run_id=cfg.tracking.parent_run_id,
-        resolved_config=resolved,
-        tags={TAG_STAGE: cfg.policy.stage, TAG_ARCHITECTURE: cfg.model.name, TAG_CONFIG_HASH: digest})
+    resolved = [member.model_dump(mode="json") for member in cfgs]
+    run_ids: list[str] = []
+    closed: set[str] = set()
     try:
+        for member, config, digest in zip(cfgs, resolved, digests):
+            run_ids.append(open_stage_run(
+                tracking_uri=member.tracking.tracking_uri, experiment=member.tracking.experiment,
+                run_name=member.tracking.run_name or member.name, parent_run_id=member.tracking.parent_run_id,
+                resolved_config=config,
+                tags={TAG_STAGE: member.policy.stage, TAG_ARCHITECTURE: member.model.name, TAG_CONFIG_HASH: digest}))
         _ensure_ray(cfg)
         # Read by the Train controller when the worker group starts; the driver's value is passed on to it.
         os.environ[WORKER_GROUP_START_TIMEOUT_VARIABLE] = str(cfg.scaling.start_timeout_s)
         storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
-        # The hash in the name: a re-run of the same config resumes its own checkpoints, never another's.
-        ray_run_name = f"{cfg.name}-{digest[:12]}" + (f"-retrain-{run_id[:8]}" if retrain else "")
+        ray_run_name = train_run_name(cfgs, digests, retrain_id=run_ids[0] if retrain else None)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"stage": resolved, "run_id": run_id, "torch_extensions_dir": torch_extensions_dir(),
+            train_loop_config={"stages": resolved, "run_ids": run_ids, "name": ray_run_name,
+                               "torch_extensions_dir": torch_extensions_dir(),
                                # callbacks may watch Ray's record of checkpoints (local runs)
                                "run_dir": None if "://" in storage else str(Path(storage) / ray_run_name),
                                "callbacks": list(callbacks)},
@@ -121,27 +151,40 @@ def run_stage(cfg: StageConfig, *, retrain: bool = False, callbacks: Sequence[St
         except Exception as err:  # Ray Train V2 raises what the workers raised, wrapped
             error = err
         if error is not None:
-            _raise_clearly(cfg, error, storage)
+            _raise_clearly(cfg if len(cfgs) == 1 else cfg.model_copy(update={"name": ray_run_name}), error, storage)
         checkpoint = result.checkpoint
         # Beside Ray's checkpoints when they are local; under ./runs when they live in S3.
         local_dir = Path(storage) / ray_run_name if "://" not in storage else Path.cwd() / "runs" / ray_run_name
-        model_path = _fetch_model_pt(checkpoint, local_dir / MODEL_FILE)
-        # A stage resumed at its last epoch trained nothing: its model.pt comes from the checkpoint.
-        publish_model(cfg.tracking.tracking_uri, run_id, model_path)
-        metrics = dict(result.metrics)
         checkpoint_dir = (f"{storage.split('://')[0]}://{checkpoint.path}" if "://" in storage
                           else str(checkpoint.path))
-        digests = metrics.pop("subnet_digests", [])
-        close_stage_run(cfg.tracking.tracking_uri, run_id, succeeded=True)  # FINISHED only with model.pt
+        reported = dict(result.metrics)
+        results = []
+        for member, run_id, digest in zip(cfgs, run_ids, digests):
+            # A single stage's files are the checkpoint folder itself; a member's, its subfolder.
+            folder = "" if len(cfgs) == 1 else member.name
+            model_path = _fetch_model_pt(checkpoint, folder, local_dir / folder / MODEL_FILE)
+            # A stage resumed at its last epoch trained nothing: its model.pt comes from the checkpoint.
+            publish_model(member.tracking.tracking_uri, run_id, model_path)
+            metrics = dict(reported if len(cfgs) == 1 else reported["members"][member.name])
+            digests_of_ranks = metrics.pop("subnet_digests", [])
+            results.append(StageResult(
+                name=member.name, model_path=str(model_path), metrics=metrics, mlflow_run_id=run_id,
+                checkpoint_dir=checkpoint_dir + (f"/{folder}" if folder else ""), config_hash=digest,
+                subnet_digests=digests_of_ranks))
+        for member, run_id in zip(cfgs, run_ids):
+            close_stage_run(member.tracking.tracking_uri, run_id, succeeded=True)  # FINISHED only with model.pt
+            closed.add(run_id)
     except BaseException as error:
         # Ctrl-C, SIGTERM (SystemExit) and a cancelled Ray task end the run KILLED; anything else FAILED.
         stopped = isinstance(error, (KeyboardInterrupt, SystemExit)) or type(error).__name__ == "TaskCancelledError"
-        try:
-            close_stage_run(cfg.tracking.tracking_uri, run_id, succeeded=False,
-                            status=STATUS_KILLED if stopped else STATUS_FAILED)
-        except Exception as err:  # never hide the stage's own error behind a tracking one
-            print(f"[{cfg.name}] could not mark MLflow run {run_id} {'KILLED' if stopped else 'FAILED'}: {err}",
-                  flush=True)
+        for member, run_id in zip(cfgs, run_ids):
+            if run_id in closed:  # FINISHED with its model already
+                continue
+            try:
+                close_stage_run(member.tracking.tracking_uri, run_id, succeeded=False,
+                                status=STATUS_KILLED if stopped else STATUS_FAILED)
+            except Exception as err:  # never hide the stage's own error behind a tracking one
+                print(f"[{member.name}] could not mark MLflow run {run_id} {'KILLED' if stopped else 'FAILED'}: "
+                      f"{err}", flush=True)
         raise
-    return StageResult(name=cfg.name, model_path=str(model_path), metrics=metrics, mlflow_run_id=run_id,
-                       checkpoint_dir=checkpoint_dir, config_hash=digest, subnet_digests=digests)
+    return results

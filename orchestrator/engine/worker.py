@@ -1,4 +1,5 @@
-"""The training loop of one Ray Train worker (one data-parallel rank) for one stage.
+"""The training loop of one Ray Train worker (one data-parallel rank) for one stage, or for several stages
+trained side by side in the same worker processes (one epoch of each in turn).
 
 It differs from single-process training only by a few distributed calls: Ray has already made the process
 group; DeepSpeed wraps the model; the loaders shard the data; evaluation all-reduces its counts; every rank
@@ -133,21 +134,23 @@ class StageWorker:
     per epoch train, evaluate, checkpoint and report. Callbacks (tests) see the worker after each epoch."""
 
     def __init__(self, cfg: StageConfig, *, run_id: str | None, run_dir: str | None = None, callbacks=(),
-                 rank: int | None = None, world_size: int | None = None):
-        """Inside Ray Train, rank and world size come from its context. Given explicitly (a process group
-        made by the caller, no Ray), the worker runs its steps up to evaluation: the presets' smoke test."""
+                 rank: int | None = None, world_size: int | None = None, member: str = "",
+                 resume_from: Path | None = None):
+        """Inside Ray Train, rank and world size come from its context, and the checkpoint to resume from is
+        chosen here. Given explicitly, either a stage beside others in one Train run (`member` = its
+        subfolder in the run's checkpoints, `resume_from` = that subfolder of the checkpoint the run
+        resumes from, chosen once for all of them), or a process group made by the caller, no Ray: the
+        worker runs its steps up to evaluation (the presets' smoke test)."""
         from orchestrator.tracking.stage_run import RunLogger
-        self.cfg, self.run_dir, self.callbacks = cfg, run_dir, list(callbacks)
+        self.cfg, self.run_dir, self.callbacks, self.member = cfg, run_dir, list(callbacks), member
         self._resume_copy = contextlib.ExitStack()  # this rank's local copy of the checkpoint it resumes from
         if rank is None:
-            import ray.train
-            context = ray.train.get_context()
-            self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+            self.rank, self.world_size = _ray_rank()
         else:
             self.rank, self.world_size = rank, world_size or 1
         self.device = _device(cfg.scaling.use_gpu)
         # The local folder of the newest whole checkpoint Ray recorded for this run, or None (epoch 0).
-        self.resume = self._choose_checkpoint() if rank is None else None
+        self.resume = self._choose_checkpoint() if rank is None else resume_from
         self.logger = RunLogger(cfg.tracking.tracking_uri, run_id) if self.rank == 0 and run_id else None
         self.stage, self.bits = cfg.policy.stage, list(cfg.model.bits_activations)
         self.start_epoch, self.resumed_from, self.global_step = 0, -1, 0
@@ -156,17 +159,7 @@ class StageWorker:
         """Ray's recorded checkpoints of this run, newest first, checked against their manifests on every
         rank (orchestrator.engine.resume); the copy stays until build_engine has loaded it."""
         from orchestrator.engine.resume import newest_whole_checkpoint
-        return self._resume_copy.enter_context(newest_whole_checkpoint(
-            _recorded_checkpoints(), gather=self._from_every_rank, stage=self.cfg.name,
-            log=lambda line: print(line, flush=True) if self.rank == 0 else None))
-
-    def _from_every_rank(self, value) -> list:
-        """`value` of every rank, in rank order (an all-gather)."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return [value]
-        values = [None] * dist.get_world_size()
-        dist.all_gather_object(values, value)
-        return values
+        return self._resume_copy.enter_context(_newest_whole_checkpoint(self.cfg.name, self.rank))
 
     def prepare_model(self):
         """The stage's network on this rank's device: built with the run seed (the same on every rank), at
@@ -271,32 +264,97 @@ class StageWorker:
         return per_bit_table(metrics, bits=self.bits, stage=self.stage, first_last=cfg.model.first_last,
                              bits_weights=list(cfg.model.bits_weights))
 
-    def checkpoint_and_report(self, epoch: int, metrics: dict, table: dict | None) -> None:
-        """Every rank saves its DeepSpeed shard; rank 0 adds model.pt and logs to MLflow; Ray merges the
-        shards into the epoch's checkpoint."""
-        import ray.train
-        from ray.train import Checkpoint
+    def train_and_evaluate(self, epoch: int) -> tuple[dict, dict | None]:
+        """One epoch: train, evaluate when due, then the callbacks see the epoch's metrics."""
+        metrics = self.train_epoch(epoch)
+        table = self.evaluate(epoch, metrics)
+        for callback in self.callbacks:
+            callback.on_epoch_end(self, epoch, metrics)
+        return metrics, table
 
-        from orchestrator.engine.resume import write_manifest
-        with atomic.scratch_folder(f"{self.cfg.name}-e{epoch}") as folder:
-            self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, client_state={"epoch": epoch},
-                                        save_latest=True)
-            if self.rank == 0:
-                _record_epoch(self.cfg, self.logger, self.engine.module, folder, metrics, table,
-                              last=epoch == self.cfg.optim.epochs - 1)
-            write_manifest(folder, rank=self.rank, world_size=self.world_size)  # this rank's last file there
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)))
+    def save_epoch(self, run_folder: Path, epoch: int, metrics: dict, table: dict | None) -> None:
+        """This rank's DeepSpeed shard into the stage's folder of the epoch's checkpoint; rank 0 adds model.pt
+        and logs to MLflow."""
+        folder = run_folder / self.member
+        self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, client_state={"epoch": epoch},
+                                    save_latest=True)
+        if self.rank == 0:
+            _record_epoch(self.cfg, self.logger, self.engine.module, folder, metrics, table,
+                          last=epoch == self.cfg.optim.epochs - 1)
 
     def run(self) -> None:
-        self.build_engine(self.prepare_model())
-        for epoch in range(self.start_epoch, self.cfg.optim.epochs):
-            metrics = self.train_epoch(epoch)
-            table = self.evaluate(epoch, metrics)
-            for callback in self.callbacks:
-                callback.on_epoch_end(self, epoch, metrics)
-            self.checkpoint_and_report(epoch, metrics, table)
-            for callback in self.callbacks:
-                callback.after_report(self, epoch)
+        train_side_by_side([self], self.cfg.name)
+
+
+def train_side_by_side(members: list[StageWorker], name: str) -> None:
+    """The epochs of one Train run: each epoch every member stage trains and evaluates in turn (the first
+    one's loaders serve them all, so each sees the batches it would see alone); then every rank writes one
+    checkpoint folder holding each member's shard in the member's subfolder and its manifest as the last
+    file, and Ray merges the ranks' folders into the epoch's checkpoint. A single stage is a run of one
+    member whose subfolder is the folder itself, reported with its own metrics."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from orchestrator.engine.resume import write_manifest
+    first = members[0]
+    for member in members:
+        member.build_engine(member.prepare_model(),
+                            loaders=None if member is first else (first.train_loader, first.val_loader))
+    if len({member.start_epoch for member in members}) != 1:
+        raise RuntimeError(f"the stages of Train run {name} would resume at different epochs; they share "
+                           f"one checkpoint per epoch, so this checkpoint is not theirs: train them again")
+    for epoch in range(first.start_epoch, first.cfg.optim.epochs):
+        results = [member.train_and_evaluate(epoch) for member in members]
+        with atomic.scratch_folder(f"{name}-e{epoch}") as folder:
+            for member, (metrics, table) in zip(members, results):
+                member.save_epoch(folder, epoch, metrics, table)
+            write_manifest(folder, rank=first.rank, world_size=first.world_size)  # this rank's last file there
+            report = results[0][0] if len(members) == 1 else {
+                "epoch": epoch, "members": {member.member: metrics for member, (metrics, _) in zip(members, results)}}
+            ray.train.report(report, checkpoint=Checkpoint.from_directory(str(folder)))
+        for member in members:
+            for callback in member.callbacks:
+                callback.after_report(member, epoch)
+
+
+def _ray_rank() -> tuple[int, int]:
+    """This worker's rank and the world size of its Train run."""
+    import ray.train
+    context = ray.train.get_context()
+    return context.get_world_rank(), context.get_world_size()
+
+
+def _from_every_rank(value) -> list:
+    """`value` of every rank, in rank order (an all-gather)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _newest_whole_checkpoint(name: str, rank: int):
+    """Ray's recorded checkpoints of this run, newest first, checked against their manifests on every rank
+    (orchestrator.engine.resume): a context holding this rank's local copy of the one to resume from."""
+    from orchestrator.engine.resume import newest_whole_checkpoint
+    return newest_whole_checkpoint(_recorded_checkpoints(), gather=_from_every_rank, stage=name,
+                                   log=lambda line: print(line, flush=True) if rank == 0 else None)
+
+
+def train_members_in_ray(cfgs: list[StageConfig], run_ids: list[str], *, name: str, run_dir: str | None,
+                         callbacks=()) -> None:
+    """Several stages side by side in this Train run's worker: the checkpoint to resume from is chosen once,
+    and each member reads its own subfolder of it (named after the member's stage)."""
+    rank, world_size = _ray_rank()
+    with contextlib.ExitStack() as copy:
+        resume = copy.enter_context(_newest_whole_checkpoint(name, rank))
+        members = [StageWorker(cfg, run_id=run_id, run_dir=run_dir, callbacks=callbacks, rank=rank,
+                               world_size=world_size, member=cfg.name,
+                               resume_from=None if resume is None else resume / cfg.name)
+                   for cfg, run_id in zip(cfgs, run_ids)]
+        # The members load their parts in order: the copy goes once the last one has loaded its own.
+        members[-1]._resume_copy.enter_context(copy.pop_all())
+    train_side_by_side(members, name)
 
 
 def _recorded_checkpoints():
@@ -335,9 +393,10 @@ def clear_stale_build_locks(extensions_dir: str | os.PathLike, older_than_s: flo
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Entry point Ray Train runs on every worker; `loop_config` = {"stage": StageConfig JSON, "run_id",
-    "torch_extensions_dir", "run_dir", "callbacks"}."""
-    cfg = StageConfig.model_validate(loop_config["stage"])
+    """Entry point Ray Train runs on every worker; `loop_config` = {"stages": [StageConfig JSON, ...],
+    "run_ids": [...], "name" (the Train run's), "torch_extensions_dir", "run_dir", "callbacks"}."""
+    cfgs = [StageConfig.model_validate(stage) for stage in loop_config["stages"]]
+    cfg = cfgs[0]  # every member runs on the same workers and data (engine.stage checks it)
     # Before DeepSpeed is imported: its CPU accelerator, and a stable cache for the shm-comm build.
     if not cfg.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -348,5 +407,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     atomic.remove_stale(tempfile.gettempdir(), prefix="bitmixer-")  # scratch folders of killed workers
     from orchestrator.data.compile_cache import enable_compile_cache
     enable_compile_cache()  # the loaders' numba code compiled once per machine, not once per worker
-    StageWorker(cfg, run_id=loop_config["run_id"], run_dir=loop_config.get("run_dir"),
-                callbacks=loop_config.get("callbacks") or ()).run()
+    callbacks = loop_config.get("callbacks") or ()
+    if len(cfgs) == 1:
+        StageWorker(cfg, run_id=loop_config["run_ids"][0], run_dir=loop_config.get("run_dir"),
+                    callbacks=callbacks).run()
+    else:
+        train_members_in_ray(cfgs, loop_config["run_ids"], name=loop_config["name"],
+                             run_dir=loop_config.get("run_dir"), callbacks=callbacks)

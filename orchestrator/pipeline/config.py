@@ -173,6 +173,10 @@ class IndependentSpec(Strict):
     enabled: bool = False
     bits: list[int] | None = Field(None, description="Default: the activation bit set (plus 1 for Table 3).")
     architectures: list[str] | None = Field(None, description="Default: every architecture.")
+    one_train_run: bool = Field(False, description="Train an architecture's Independent networks side by side in "
+                                "one Train run (the same worker processes, one epoch of each in turn): one "
+                                "start-up instead of one per network, for a small machine; separate runs "
+                                "finish sooner where the cluster has room for all of them at once.")
 
 
 class BaselinesSpec(Strict):

@@ -12,7 +12,7 @@ YAML's stage sections (zero = the FP32 teacher, one, two, three) map to them in 
 Chains ("variants") per architecture, in the paper's words:
   main                  [fp32,] one -> two -> three (three = the Tune sweep when enabled; fp32 = the teacher)
   independent_<b>       one Independent network at fixed b bits, from main's Stage I, as long as Stage II
-                        (Table 7)
+                        (Table 7); with `one_train_run`, those from the same Stage I share a Train run
   no_transitional_bn    three from main's Stage II, one BN per bit-width of the current layer (Table 1)
   teacher_<t>           two -> three from main's Stage I with another teacher (Table 2)
   bits_4321             its own one -> two with bit set {1,2,3,4} (Table 3; Stage III did not converge)
@@ -27,7 +27,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from orchestrator.engine.config import (DeepSpeedConfig, DistillConfig, ModelConfig, OptimConfig, PolicyConfig,
-                                        ScalingConfig, StageConfig)
+                                        ScalingConfig, StageConfig, check_side_by_side)
 from orchestrator.pipeline.config import (ArchitectureSpec, PipelineConfig, PipelineConfigError, StageSpec,
                                           StageThreeSpec, format_location)
 from orchestrator.tracking.config import TrackingConfig
@@ -61,6 +61,7 @@ class StageNode:
     teacher_after: str | None = None
     sweep: bool = False            # Stage III of the main chain run as a Ray Tune sweep
     replica: bool = False          # the same stage under another of the pipeline's seeds
+    train_run: str | None = None   # nodes with the same value train side by side in one Train run
 
 
 @dataclass
@@ -72,6 +73,14 @@ class Plan:
 
     def upstream(self, node: StageNode) -> list[str]:
         return [k for k in (node.init_after, node.teacher_after) if k is not None]
+
+    def train_runs(self) -> list[list[StageNode]]:
+        """The nodes in order, those that share a `train_run` together at the place of the first of them
+        (every node a member depends on comes before the first: members only depend on earlier nodes)."""
+        runs: dict[str, list[StageNode]] = {}
+        for node in self.order():
+            runs.setdefault(node.train_run or node.key, []).append(node)
+        return list(runs.values())
 
     def order(self) -> list[StageNode]:
         """Nodes with every dependency before them (insertion order already is; checked here)."""
@@ -181,7 +190,8 @@ class _Builder:
             copy = lambda key: None if key is None else f"{key}@seed{seed}"  # noqa: E731
             for node in first:
                 self.plan.add(replace(node, key=copy(node.key), init_after=copy(node.init_after),
-                                      teacher_after=copy(node.teacher_after), replica=True,
+                                      teacher_after=copy(node.teacher_after), train_run=copy(node.train_run),
+                                      replica=True,
                                       config=_with_seed(node.config, seed, suffix=True)))
 
     def independent(self) -> None:
@@ -205,7 +215,9 @@ class _Builder:
                     config=self.stage_config(name=name, model=model, spec=arch.stages.two,
                                              policy=PolicyConfig(stage="independent", fixed_bits=b), teacher=False,
                                              title=run_name("independent", arch.name, variant)),
-                    init_after=_key(arch.name, source, "one")))
+                    init_after=_key(arch.name, source, "one"),
+                    # The networks that start from the same Stage I share a Train run when asked to.
+                    train_run=f"{arch.name}/independent<-{source}" if spec.one_train_run else None))
 
     def ablations(self, quantized: list[str]) -> None:
         a, arch = self.cfg.ablations, self.cfg.ablation_arch
@@ -258,5 +270,10 @@ def build_plan(cfg: PipelineConfig, *, data_path: str | Path, tracking_uri: str 
             if dep not in plan.nodes:
                 raise PipelineConfigError(f"stage {node.key} needs {dep}, which the config does not run; "
                                           f"enable that stage")
-    plan.order()
+    for members in plan.train_runs():  # stages that share a Train run must be able to (same workers, data...)
+        try:
+            check_side_by_side([node.config for node in members])
+        except ValueError as err:
+            raise PipelineConfigError(f"{err} (set baselines.independent.one_train_run: false to give each its "
+                                      f"own)") from None
     return plan

@@ -154,3 +154,19 @@ def test_learned_step_sizes_get_no_weight_decay():
     assert "weight_decay" not in others and steps["weight_decay"] == 0.0
     assert {id(p) for p in steps["params"]} == {id(p) for p in step_size_parameters(net)}
     assert len(others["params"]) + len(steps["params"]) == len(list(net.parameters()))
+
+
+def test_only_stages_that_can_share_a_train_run_train_side_by_side():
+    """Stages in one Train run share its workers, loaders, epochs and checkpoint storage, and each needs a
+    folder of its own: a stage of another length, another batch, or a repeated name is refused, naming
+    what differs; another stage kind, bit-width or teacher is fine."""
+    from orchestrator.engine.config import check_side_by_side
+    two = StageConfig.model_validate(stage_dict(name="two"))
+    independent = StageConfig.model_validate(stage_dict(name="indep", policy={"stage": "independent", "fixed_bits": 2}))
+    check_side_by_side([two, independent])
+    with pytest.raises(ValueError, match="differ in optim.epochs"):
+        check_side_by_side([two, StageConfig.model_validate(stage_dict(name="x", optim={"epochs": 7}))])
+    with pytest.raises(ValueError, match="differ in data"):
+        check_side_by_side([two, StageConfig.model_validate(stage_dict(name="x", data={"path": "/d", "batch_size": 64}))])
+    with pytest.raises(ValueError, match="distinct names"):
+        check_side_by_side([two, two])

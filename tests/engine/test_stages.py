@@ -2,8 +2,9 @@
 workers, the DeepSpeed engine (ZeRO-1, gloo on CPU), the FFCV loaders, an `mlflow server` process.
 
 One module-scoped run of the three stages (worker groups are the expensive part) feeds every test:
-Stage II distils from Stage I through an MLflow model URI, Stage III starts from Stage II through an MLflow
-URI, and one of Stage III's workers is killed after its first epoch.
+Stage II distils from Stage I through an MLflow model URI and trains side by side with a 2-bit Independent
+network in one Train run, one of whose workers is killed after the first epoch; Stage III starts from
+Stage II through an MLflow URI.
 """
 import os
 from pathlib import Path
@@ -54,20 +55,23 @@ def stage_config(env, name, policy, epochs, lr_peak=5e-3, **extra):
 @pytest.fixture(scope="module")
 def stages(env):
     from orchestrator.engine import run_stage
+    from orchestrator.engine.stage import run_stages
     from tests.engine.callbacks import CrashAfterEpoch, MlflowImported, SubnetFingerprints
     fingerprints = SubnetFingerprints()
     one = run_stage(stage_config(env, "digits-stage1", dict(stage="one"), STAGE_EPOCHS["one"]),
                     callbacks=[fingerprints, MlflowImported()])
-    two = run_stage(stage_config(
-        env, "digits-stage2", dict(stage="two"), STAGE_EPOCHS["two"], init_from=one.model_path,
-        distill=dict(teacher="path", teacher_uri=f"runs:/{one.mlflow_run_id}/model.pt", temperature=2.0,
-                     weight=0.5)), callbacks=[fingerprints])
     marker = env["tmp"] / "crashed-once"
+    two, independent = run_stages([
+        stage_config(env, "digits-stage2", dict(stage="two"), STAGE_EPOCHS["two"], init_from=one.model_path,
+                     distill=dict(teacher="path", teacher_uri=f"runs:/{one.mlflow_run_id}/model.pt",
+                                  temperature=2.0, weight=0.5)),
+        stage_config(env, "digits-independent2", dict(stage="independent", fixed_bits=2), STAGE_EPOCHS["two"],
+                     init_from=f"runs:/{one.mlflow_run_id}/model.pt")],
+        callbacks=[fingerprints, CrashAfterEpoch(0, marker)])
     three = run_stage(stage_config(
         env, "digits-stage3", dict(stage="three", k=0.75, ramp_epochs=0), STAGE_EPOCHS["three"], lr_peak=2e-3,
-        init_from=f"runs:/{two.mlflow_run_id}/model.pt"),
-        callbacks=[fingerprints, CrashAfterEpoch(0, marker)])
-    return {"one": one, "two": two, "three": three, "marker": marker}
+        init_from=f"runs:/{two.mlflow_run_id}/model.pt"), callbacks=[fingerprints])
+    return {"one": one, "two": two, "three": three, "independent": independent, "marker": marker}
 
 
 def client(env):
@@ -152,14 +156,40 @@ def test_ranks_drew_identical_subnets(stages):
 
 
 def test_killed_worker_resumes_from_last_checkpoint(env, stages):
-    """A worker killed (os._exit) after Stage III's first epoch is replaced; the stage finishes, resuming at
-    epoch 1 from the recorded checkpoint: no epoch is logged twice and epoch 0 is not trained again."""
+    """A worker killed (os._exit) after the first epoch of the Train run that holds Stage II and the
+    Independent network is replaced; both stages finish, resuming at epoch 1 from the one recorded
+    checkpoint, each from its own part of it: no epoch is logged twice and epoch 0 is not trained again."""
     assert stages["marker"].exists()  # the crash did happen
-    final = stages["three"].metrics
-    assert final["resumed_at_epoch"] == 1
-    assert final["epoch"] == STAGE_EPOCHS["three"] - 1
-    history = client(env).get_metric_history(stages["three"].mlflow_run_id, "sys/epoch_time_s")
-    assert sorted(m.step for m in history) == list(range(STAGE_EPOCHS["three"]))
+    for stage in ("two", "independent"):
+        final = stages[stage].metrics
+        assert final["resumed_at_epoch"] == 1, stage
+        assert final["epoch"] == STAGE_EPOCHS["two"] - 1
+        history = client(env).get_metric_history(stages[stage].mlflow_run_id, "sys/epoch_time_s")
+        assert sorted(m.step for m in history) == list(range(STAGE_EPOCHS["two"])), stage
+
+
+def test_stages_side_by_side_keep_their_own_runs_and_models(env, stages):
+    """The Independent network trained beside Stage II shares its Train run (one checkpoint folder, a
+    subfolder each) but nothing else: its own FINISHED run, tagged independent, logging only its bit-width;
+    started from Stage I's weights; its own model.pt, at 2 bits, unlike Stage II's."""
+    import torch
+
+    from orchestrator.engine.checkpoint import state_dict_digest
+    from orchestrator.tracking.stage_run import TAG_INIT_DIGEST, TAG_STAGE
+    two, independent = stages["two"], stages["independent"]
+    assert Path(two.checkpoint_dir).parent == Path(independent.checkpoint_dir).parent
+    assert Path(independent.checkpoint_dir).name == "digits-independent2"
+    run = client(env).get_run(independent.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[TAG_STAGE] == "independent"
+    assert "val/top1_2bit" in run.data.metrics and "val/top1_4bit" not in run.data.metrics
+    assert independent.metrics["val/top1_2bit"] > 30.0, independent.metrics
+    stage_one = torch.load(stages["one"].model_path, map_location="cpu", weights_only=True)
+    assert run.data.tags[TAG_INIT_DIGEST] == state_dict_digest(stage_one["state_dict"])
+    models = {name: torch.load(stages[name].model_path, map_location="cpu", weights_only=True)
+              for name in ("two", "independent")}
+    assert models["independent"]["stage"] == "independent" and models["two"]["stage"] == "two"
+    assert state_dict_digest(models["independent"]["state_dict"]) != state_dict_digest(models["two"]["state_dict"])
+    assert independent.subnet_digests and independent.subnet_digests[0] == independent.subnet_digests[1]
 
 
 # One ASHA rung, at epoch 6 (23 / 6 < the reduction factor 4); the 17 epochs after it leave the trial, which

@@ -162,3 +162,26 @@ def test_smoke_keeps_the_presets_whole_dag(preset):
 
     cfg = load_pipeline_config(CONFIGS / f"{preset}.yaml")
     assert shape(smoke_config(cfg)) == shape(cfg)
+
+
+def test_independent_networks_share_one_train_run_when_asked():
+    """`one_train_run: true` (the embedded preset): an architecture's Independent networks that start from
+    the same Stage I form one Train run, per seed; a 1-bit network starting from the 4-3-2-1 chain's Stage I
+    gets its own; `false` leaves every node a Train run of its own."""
+    raw = yaml.safe_load((CONFIGS / "embedded.yaml").read_text())
+    raw["seeds"] = [0, 1]
+    runs = [[n.key for n in members] for members in
+            build_plan(parse_pipeline_config(raw, "e.yaml"), data_path="/data", tracking_uri="sqlite:////tmp/x.db").train_runs()]
+    shared = [keys for keys in runs if len(keys) > 1]
+    assert shared == [[f"resnet_tiny/independent_{b}/independent" for b in (4, 3, 2)],
+                      [f"resnet_tiny/independent_{b}/independent@seed1" for b in (4, 3, 2)]]
+    assert sum(len(keys) for keys in runs) == 2 * 10  # every node once
+    raw["baselines"]["independent"]["one_train_run"] = False
+    plan = build_plan(parse_pipeline_config(raw, "e.yaml"), data_path="/data", tracking_uri="sqlite:////tmp/x.db")
+    assert all(len(members) == 1 for members in plan.train_runs())
+    table3 = load_pipeline_config(CONFIGS / "table3_bits_4321.yaml")
+    table3.baselines.independent.one_train_run = True
+    runs = build_plan(table3, data_path="/data", tracking_uri="sqlite:////tmp/x.db").train_runs()
+    independent = [[n.variant for n in members] for members in runs if members[0].stage == "independent"]
+    assert independent == [["independent_4", "independent_3", "independent_2"], ["independent_1"]]
+

@@ -128,3 +128,51 @@ def test_retrain_trains_a_finished_stage_again(setup, monkeypatch):
     assert execute_node(node, [], parent_run_id=None, pipeline=cfg).status == SKIPPED
     outcome = execute_node(node, [], parent_run_id=None, pipeline=cfg, retrain=True)
     assert calls == [True] and outcome.status == FAILED and outcome.error == "RuntimeError: trained"
+
+
+def _independent_nodes(plan):
+    return [n for n in plan.nodes.values() if n.stage == "independent"]
+
+
+def test_shared_train_run_trains_only_the_members_not_done(setup, monkeypatch):
+    """Of the Independent networks that share a Train run, the one whose config already FINISHED is
+    skipped; the others are trained together, in one call, and each gets its own outcome."""
+    from orchestrator.engine.stage import StageResult
+    from orchestrator.pipeline.runner import execute_nodes
+    cfg, plan, uri = setup
+    nodes = _independent_nodes(plan)
+    upstream = [StageOutcome("resnet_tiny/main/one", FINISHED, "r1", "runs:/r1/model.pt")]
+    by_key = {o.key: o for o in upstream}
+    done = nodes[1]
+    done_run = _record(uri, cfg.tracking.experiment, config_hash(resolve_stage_config(done, by_key, None)),
+                       "FINISHED", {"val/top1_3bit": 80.0})
+    calls = []
+
+    def train_together(cfgs, *, retrain=False):
+        calls.append([c.name for c in cfgs])
+        return [StageResult(name=c.name, model_path="m", metrics={"epoch": 2}, mlflow_run_id=f"run-{c.name}",
+                            checkpoint_dir="c", config_hash="h") for c in cfgs]
+    monkeypatch.setattr("orchestrator.engine.stage.run_stages", train_together)
+    outcomes = execute_nodes(nodes, upstream, parent_run_id=None, pipeline=cfg)
+    assert calls == [[nodes[0].config.name, nodes[2].config.name]]
+    assert [o.key for o in outcomes] == [n.key for n in nodes]
+    assert [o.status for o in outcomes] == [FINISHED, SKIPPED, FINISHED]
+    assert outcomes[1].run_id == done_run and outcomes[2].run_id == f"run-{nodes[2].config.name}"
+
+
+def test_shared_train_run_failure_fails_each_member_with_one_traceback(setup, monkeypatch):
+    """An error in a shared Train run fails every member it stopped, each with the one-line reason; the
+    traceback is printed in the summary once, not once per member."""
+    from orchestrator.pipeline.runner import execute_nodes
+    cfg, plan, _ = setup
+
+    def boom(cfgs, **_):
+        raise RuntimeError("worker group died\nlong traceback")
+    monkeypatch.setattr("orchestrator.engine.stage.run_stages", boom)
+    upstream = [StageOutcome("resnet_tiny/main/one", FINISHED, "r1", "runs:/r1/model.pt")]
+    outcomes = execute_nodes(_independent_nodes(plan), upstream, parent_run_id=None, pipeline=cfg)
+    assert [o.status for o in outcomes] == [FAILED] * 3
+    assert {o.error for o in outcomes} == {"RuntimeError: worker group died"}
+    assert [bool(o.traceback) for o in outcomes] == [True, False, False]
+    blocked = execute_nodes(_independent_nodes(plan), [outcomes[0]], parent_run_id=None, pipeline=cfg)
+    assert {o.status for o in blocked} == {BLOCKED}
