@@ -2,13 +2,18 @@
 same network built from plain nn.Conv2d / nn.BatchNorm2d, in the same process.
 
     .venv/bin/python bench/train_step.py [--repeats 10] [--batch 64] [--threads N] [--profile] [--no-reference]
+                                         [--compiled]
 
 Steps are interleaved (fast path, reference path, plain, fast path, ...) so that drifts in machine load hit
 all of them; the figure is the median of the per-round time ratios, for wall-clock time and for this
 process's CPU time (the latter is the steadier figure on a machine shared with other jobs). The reference
 path (layers.set_reference_path: every ReLU kept) is the same network with the same weights, outputs and
-gradients; it gives the before figure in the same run. The Stage III sub-net is redrawn (layer-wise, k = 0.75) before
-every quantized step, as in training. `--profile` then prints where a Stage III step and a plain step spend
+gradients; it gives the before figure in the same run. `--compiled` adds a third Stage III row: the same network
+with its BN -> (+ shortcut) -> ReLU -> quantizer regions and weight quantizers compiled
+(bitmixer_core.compile_fused_regions); its one-time compile (the two warm-up steps, with inductor's on-disk
+cache as found; point TORCHINDUCTOR_CACHE_DIR at an empty folder for a cold figure) is printed and left out of
+the medians. The Stage III sub-net is redrawn (layer-wise, k = 0.75) before every quantized step, as in
+training. `--profile` then prints where a Stage III step and a plain step spend
 their CPU time (torch.profiler, the operators with the most self time over 3 steps of each).
 
 The bench runs with the allocator settings a stage's Ray workers start with (orchestrator.engine.process_env;
@@ -40,6 +45,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--profile", action="store_true", help="also print the operators with most self CPU time")
     parser.add_argument("--no-reference", action="store_true", help="leave the reference path out of the rounds")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also step the network with its BN -> ReLU -> quantizer regions compiled")
     parser.add_argument("--glibc-defaults", action="store_true",
                         help="glibc's allocator defaults instead of the settings the training workers start with")
     args = parser.parse_args()
@@ -69,6 +76,9 @@ def main() -> None:
     models = {"Bit-Mixer Stage III": meta, "Stage III, reference path": reference, "plain": plain}
     if args.no_reference:
         del models["Stage III, reference path"]
+    if args.compiled:
+        from bitmixer_core import compile_fused_regions
+        models["Stage III, compiled regions"] = compile_fused_regions(copy.deepcopy(meta))
     optimizers = {id(m): torch.optim.Adam(m.parameters(), lr=1e-3) for m in models.values()}
 
     def step(model, assignment=None) -> tuple[float, float]:
@@ -81,10 +91,14 @@ def main() -> None:
         optimizer.step()
         return time.perf_counter() - start, time.process_time() - start_cpu
 
-    for model in models.values():  # warm-up (allocator, first-batch initialisation)
+    for title, model in models.items():  # warm-up (allocator, first-batch initialisation, compilation)
         model.train()
+        start = time.perf_counter()
         step(model)
         step(model)
+        if title == "Stage III, compiled regions":
+            print(f"compiled regions: first two steps (compilation included) {time.perf_counter() - start:.1f} s",
+                  flush=True)
 
     def one_round() -> dict[str, tuple[float, float]]:
         """One step of each model; both Stage III paths train the same newly drawn sub-net."""

@@ -13,6 +13,7 @@ from .assignment import (
 from .bitwidths import BitWidths
 from .distillation import distillation_loss
 from .evaluation import evaluate_fixed_bits, evaluate_random_bits
+from .fused_regions import compile_fused_regions
 from .layers import QConv2d, QLinear, QuantizedLayerMixin, set_reference_path, step_size_parameters
 from .models import available_models, build_model
 from .policies import StagePolicy
@@ -31,4 +32,5 @@ __all__ = [
     "StagePolicy", "Stage", "STAGES", "get_stage",
     "build_model", "available_models", "calibrate_activation_step_sizes", "reinitialize_weight_step_sizes",
     "distillation_loss", "evaluate_fixed_bits", "evaluate_random_bits",
+    "compile_fused_regions",
 ]

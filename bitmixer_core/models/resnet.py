@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import fused_regions
 from ..bitwidths import BitWidths
 from ..layers import QConv2d, QLinear, QuantizedLayerMixin
 from ..quantizer import QuantizerOptions
@@ -198,6 +199,7 @@ class ResNet(nn.Module):
         if block_order not in BLOCK_ORDERS:
             raise ValueError(f"block_order must be one of {BLOCK_ORDERS}, got {block_order!r}.")
         self.spec, self.stem_kind, self.first_last, self.block_order = spec, stem, first_last, block_order
+        self.compiled_regions = False  # fused_regions.compile_fused_regions: the opt-in compiled training path
         norm_first = block_order == "bn_quantize_conv"
         make = _LayerFactory(bits, quantizer, bn, plain, block_order)
         fixed_bits = 32 if first_last == "fp32" else 8
@@ -275,6 +277,8 @@ class ResNet(nn.Module):
                 m.reset_weight_step_sizes()  # the weights changed since the layers were built
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled_regions and self.training and torch.is_grad_enabled():
+            return fused_regions.forward(self, x)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for i in range(1, self.stages + 1):
             x = getattr(self, f"layer{i}")(x)
