@@ -285,6 +285,17 @@ def config_hash(cfg: StageConfig) -> str:
 SHARED_BY_MEMBERS = ("scaling", "data", "storage_path", "max_failures", "optim.epochs", "tracking.tracking_uri")
 
 
+def side_by_side_signature(cfg: StageConfig) -> str:
+    """What a stage must share with the others of its Train run, as text: equal texts can train together."""
+    values = []
+    for field_path in SHARED_BY_MEMBERS:
+        value = cfg
+        for part in field_path.split("."):
+            value = getattr(value, part)
+        values.append(f"{field_path}={value!r}")
+    return "; ".join(values)
+
+
 def check_side_by_side(cfgs: Sequence[StageConfig]) -> None:
     """Stages trained side by side share one Train run: its workers, loaders, epochs and checkpoint storage."""
     if not cfgs:
@@ -292,13 +303,8 @@ def check_side_by_side(cfgs: Sequence[StageConfig]) -> None:
     names = [cfg.name for cfg in cfgs]
     if len(set(names)) != len(names):
         raise ValueError(f"stages trained side by side need distinct names (their checkpoint folders); got {names}")
-    for field_path in SHARED_BY_MEMBERS:
-        values = set()
-        for cfg in cfgs:
-            value = cfg
-            for part in field_path.split("."):
-                value = getattr(value, part)
-            values.add(repr(value))
-        if len(values) > 1:
+    signatures = [side_by_side_signature(cfg).split("; ") for cfg in cfgs]
+    for position, field_path in enumerate(SHARED_BY_MEMBERS):
+        if len({signature[position] for signature in signatures}) > 1:
             raise ValueError(f"stages {names} differ in {field_path}, which stages trained side by side in one "
                              f"Train run share; train them in runs of their own")

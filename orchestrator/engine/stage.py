@@ -96,8 +96,10 @@ def train_run_name(cfgs: Sequence[StageConfig], digests: Sequence[str], *, retra
     if len(cfgs) == 1:
         name, digest = cfgs[0].name, digests[0]
     else:
-        name = os.path.commonprefix([cfg.name for cfg in cfgs]).rstrip("-_") or "stages"
-        name, digest = f"{name}-x{len(cfgs)}", hashlib.sha256("".join(digests).encode()).hexdigest()
+        names = [cfg.name for cfg in cfgs]
+        common = os.path.commonprefix(names).rstrip("-_")
+        name = f"{common}-x{len(cfgs)}" if common else "+".join(names)
+        digest = hashlib.sha256("".join(digests).encode()).hexdigest()
     return f"{name}-{digest[:12]}" + (f"-retrain-{retrain_id[:8]}" if retrain_id else "")
 
 

@@ -226,6 +226,11 @@ class ScalingSpec(ScalingConfig):
 
     gpus_per_worker: float = Field(0.0, ge=0)
     trial_cpus: float = Field(1.0, ge=0)
+    pack_architectures: bool = Field(False, description="Train each stage of the main chain (not a Tune sweep) of "
+                                     "every architecture side by side in one Train run (the same worker "
+                                     "processes, one epoch of each in turn): one start-up instead of one per "
+                                     "architecture, for a small machine; a failure then stops them all, and "
+                                     "separate runs finish sooner where the cluster has room for all of them.")
     zero_stage: ZeroStage = _same(DeepSpeedConfig, "zero_stage")
     max_failures: int = _same(StageConfig, "max_failures")
 

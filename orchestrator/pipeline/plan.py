@@ -27,7 +27,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from orchestrator.engine.config import (DeepSpeedConfig, DistillConfig, ModelConfig, OptimConfig, PolicyConfig,
-                                        ScalingConfig, StageConfig, check_side_by_side)
+                                        ScalingConfig, StageConfig, check_side_by_side,
+                                        side_by_side_signature)
 from orchestrator.pipeline.config import (ArchitectureSpec, PipelineConfig, PipelineConfigError, StageSpec,
                                           StageThreeSpec, format_location)
 from orchestrator.tracking.config import TrackingConfig
@@ -176,8 +177,23 @@ class _Builder:
             stages = cfg.ablation_arch.stages
             self.ablations([s for s in ("one", "two", "three") if getattr(stages, s).enabled])
         self.independent()  # last: a 1-bit network starts from the 4-3-2-1 chain's Stage I
+        self.share_train_runs()
         self.replicate_over_seeds()
         return self.plan
+
+    def share_train_runs(self) -> None:
+        """Mark the nodes that train side by side in one Train run (`train_run`): with
+        baselines.independent.one_train_run, an architecture's Independent networks that start from the same
+        Stage I; with scaling.pack_architectures, each main-chain stage of every architecture (not a Tune
+        sweep). Only stages that can share a run (same workers, data, epochs, storage) are put together."""
+        for key, node in self.plan.nodes.items():
+            if node.stage == "independent" and self.cfg.baselines.independent.one_train_run:
+                shared = f"{node.arch}/independent<-{node.init_after}"
+            elif node.variant == "main" and not node.sweep and self.cfg.scaling.pack_architectures:
+                shared = f"main/{node.stage}"
+            else:
+                continue
+            self.plan.nodes[key] = replace(node, train_run=f"{shared} [{side_by_side_signature(node.config)}]")
 
     def replicate_over_seeds(self) -> None:
         """`seeds: [s0, s1, ...]`: the plan built with s0 is repeated for every other seed, each copy keyed
@@ -215,9 +231,7 @@ class _Builder:
                     config=self.stage_config(name=name, model=model, spec=arch.stages.two,
                                              policy=PolicyConfig(stage="independent", fixed_bits=b), teacher=False,
                                              title=run_name("independent", arch.name, variant)),
-                    init_after=_key(arch.name, source, "one"),
-                    # The networks that start from the same Stage I share a Train run when asked to.
-                    train_run=f"{arch.name}/independent<-{source}" if spec.one_train_run else None))
+                    init_after=_key(arch.name, source, "one")))
 
     def ablations(self, quantized: list[str]) -> None:
         a, arch = self.cfg.ablations, self.cfg.ablation_arch
@@ -270,10 +284,6 @@ def build_plan(cfg: PipelineConfig, *, data_path: str | Path, tracking_uri: str 
             if dep not in plan.nodes:
                 raise PipelineConfigError(f"stage {node.key} needs {dep}, which the config does not run; "
                                           f"enable that stage")
-    for members in plan.train_runs():  # stages that share a Train run must be able to (same workers, data...)
-        try:
-            check_side_by_side([node.config for node in members])
-        except ValueError as err:
-            raise PipelineConfigError(f"{err} (set baselines.independent.one_train_run: false to give each its "
-                                      f"own)") from None
+    for members in plan.train_runs():  # grouped by what they share, so this holds by construction
+        check_side_by_side([node.config for node in members])
     return plan

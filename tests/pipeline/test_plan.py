@@ -185,3 +185,21 @@ def test_independent_networks_share_one_train_run_when_asked():
     independent = [[n.variant for n in members] for members in runs if members[0].stage == "independent"]
     assert independent == [["independent_4", "independent_3", "independent_2"], ["independent_1"]]
 
+
+
+def test_pack_architectures_puts_each_main_stage_of_every_architecture_in_one_train_run():
+    """`scaling.pack_architectures`: Stage I of both architectures in one Train run, Stage II likewise; a
+    Tune sweep (Stage III) and the ablation stay alone; an architecture whose Stage I is longer (its own
+    override) cannot share the others' run and gets its own."""
+    raw = yaml.safe_load((CONFIGS / "embedded.yaml").read_text())
+    raw["scaling"]["pack_architectures"] = True
+    plan = build_plan(parse_pipeline_config(raw, "e.yaml"), data_path="/data", tracking_uri="sqlite:////tmp/x.db")
+    runs = [[n.key for n in members] for members in plan.train_runs()]
+    assert ["resnet_tiny/main/one", "ebn_tiny/main/one"] in runs
+    assert ["resnet_tiny/main/two", "ebn_tiny/main/two"] in runs
+    assert ["resnet_tiny/main/three"] in runs and ["ebn_tiny/main/three"] in runs
+    assert ["resnet_tiny/no_transitional_bn/three"] in runs
+    raw["architectures"][1]["stages"] = {"one": {"epochs": 5}}
+    plan = build_plan(parse_pipeline_config(raw, "e.yaml"), data_path="/data", tracking_uri="sqlite:////tmp/x.db")
+    runs = [[n.key for n in members] for members in plan.train_runs()]
+    assert ["resnet_tiny/main/one"] in runs and ["ebn_tiny/main/one"] in runs
