@@ -46,7 +46,7 @@ class _RegionQuantize(torch.autograd.Function):
     def backward(ctx, grad):
         x, alpha, out, lo, hi, scale = ctx.saved_tensors
         inside = (x > lo * alpha) & (x < hi * alpha)
-        grad_x = torch.where(inside, grad, torch.zeros((), dtype=grad.dtype))
+        grad_x = torch.where(inside, grad, grad.new_zeros(()))
         grad_alpha = ((grad * out).sum() - (grad_x * x).sum()) / alpha * scale
         return grad_x, grad_alpha.reshape(alpha.shape), None, None, None
 
@@ -67,7 +67,7 @@ def _region_function(y, bn, shortcut, shortcut_bn, quantizers, keep_output: bool
 
 
 _compiled_region = None
-_bounds: dict[tuple[int, int, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_bounds: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # _constants
 
 
 def _region():
@@ -101,17 +101,18 @@ def _bn_inputs(norm):
     return bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps
 
 
-def _constants(slot: int, lo: int, hi: int, scale: float):
-    """lo, hi, scale as 0-dim tensors, made once; one set per argument slot (dynamo guards on aliasing)."""
-    key = (slot, lo, hi, scale)
+def _constants(device, slot: int, lo: int, hi: int, scale: float):
+    """lo, hi, scale as 0-dim tensors on `device`, made once; one set per argument slot (dynamo guards on
+    aliasing: two inputs that are one tensor in one call and two in the next would recompile)."""
+    key = (device, slot, lo, hi, scale)
     if key not in _bounds:
-        _bounds[key] = tuple(torch.tensor(float(v)) for v in key[1:])
+        _bounds[key] = tuple(torch.tensor(float(v), device=device) for v in key[2:])
     return _bounds[key]
 
 
 def _quantizer_inputs(layer, numel: int, slot: int):
     bits = layer.bits
-    constants = _constants(slot, *integer_range(bits, layer.quantizer.symmetric, False),
+    constants = _constants(layer.weight.device, slot, *integer_range(bits, layer.quantizer.symmetric, False),
                            lsq_gradient_scale(numel, bits, False))
     return (layer.log_activation_step_size[layer._bit_index].exp(), *constants)
 
@@ -132,7 +133,7 @@ def quantized_weight(layer):
         return layer.quantized_weight()
     if _compiled_weight is None:
         _compiled_weight = torch.compile(_weight_function, dynamic=False)
-    constants = _constants(9, *integer_range(bits, q.symmetric, True), lsq_gradient_scale(layer.weight.numel(), bits))
+    constants = _constants(layer.weight.device, 9, *integer_range(bits, q.symmetric, True), lsq_gradient_scale(layer.weight.numel(), bits))
     return _compiled_weight(layer.weight, layer.log_weight_step_size[layer._bit_index].exp(), *constants)
 
 
