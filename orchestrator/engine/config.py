@@ -197,6 +197,11 @@ class DeepSpeedConfig(BaseModel):
     grad_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     bf16_on_gpu: bool = Field(True, description="bf16 mixed precision on GPU (CPU always trains in fp32).")
     gradient_clipping: float = Field(0.0, ge=0, description="Max gradient norm (0 = off).")
+    compile_blocks: bool = Field(False, description="Train with bitmixer_core.compile_fused_regions: each BN -> "
+                                 "ReLU -> quantizer region compiled (a Stage III step ~1.04x a plain one on CPU, "
+                                 "against ~1.11x eagerly; docs/benchmarks.md) for a one-time compile of ~1-5 min "
+                                 "per worker process: for long runs, not a few short epochs. Classic block order, "
+                                 "needs a C++ compiler (CPU) or Triton (GPU).")
 
 
 class ScalingConfig(BaseModel):
@@ -256,6 +261,9 @@ class StageConfig(BaseModel):
         if micro % self.deepspeed.grad_accumulation:
             raise ValueError(f"the per-worker batch ({micro}) must be divisible by "
                              f"deepspeed.grad_accumulation ({self.deepspeed.grad_accumulation}).")
+        if self.deepspeed.compile_blocks and self.model.block_order != "conv_bn_relu":
+            raise ValueError("deepspeed.compile_blocks compiles the classic block order only: set "
+                             "model.block_order to conv_bn_relu or compile_blocks to false.")
         return self
 
     @property
@@ -267,7 +275,7 @@ class StageConfig(BaseModel):
 # Fields that do not change what is trained: left out of the hash so a re-run with another tracking
 # server, storage, worker count, failure budget or number of loader processes still finds the finished stage.
 _HASH_EXCLUDE = {"tracking": True, "storage_path": True, "scaling": True, "max_failures": True,
-                 "data": {"num_workers"}}
+                 "data": {"num_workers"}, "deepspeed": {"compile_blocks"}}
 
 
 def config_hash(cfg: StageConfig) -> str:

@@ -208,6 +208,8 @@ class StageWorker:
         if self.resume is None and core.get_stage(self.stage).needs_calibration(net):
             core.calibrate_activation_step_sizes(net, _first_images(self.train_loader, 0))
         _broadcast_from_rank0(net)
+        if cfg.deepspeed.compile_blocks:  # the opt-in compiled training path (after calibration, which stays eager)
+            core.compile_fused_regions(net)
 
         ds_config = deepspeed_config(cfg, world_size=self.world_size, use_gpu=cfg.scaling.use_gpu)
         self.engine, _, _, _ = deepspeed.initialize(
