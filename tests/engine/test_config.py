@@ -60,6 +60,8 @@ def test_cross_field_rules_say_what_to_do():
     assert "must list as many bit-widths" in error_text(model=dict(bits_weights=[1, 3], bits_activations=[2, 3, 4]))
     assert "warmup_epochs" in error_text(optim=dict(epochs=4, warmup_epochs=4))
     assert "tracking_uri" in error_text(tracking=dict(tracking_uri="localhost:5000"))
+    assert "compile_blocks compiles the classic block order only" in error_text(
+        model=dict(block_order="bn_quantize_conv"), deepspeed=dict(compile_blocks=True))
 
 
 def test_config_hash_tracks_what_is_trained_only():
@@ -68,7 +70,8 @@ def test_config_hash_tracks_what_is_trained_only():
     same = StageConfig.model_validate(stage_dict(storage_path="s3://elsewhere", tracking=dict(
         tracking_uri="http://127.0.0.1:1")))
     other = StageConfig.model_validate(stage_dict(optim=dict(lr_peak=2e-3)))
-    assert config_hash(a) == config_hash(same)
+    compiled = StageConfig.model_validate(stage_dict(deepspeed=dict(compile_blocks=True)))  # how, not what
+    assert config_hash(a) == config_hash(same) == config_hash(compiled)
     assert config_hash(a) != config_hash(other)
     assert len(config_hash(a)) == 64
 
