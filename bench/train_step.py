@@ -97,8 +97,8 @@ def main() -> None:
         step(model)
         step(model)
         if title == "Stage III, compiled regions":
-            print(f"compiled regions: first two steps (compilation included) {time.perf_counter() - start:.1f} s",
-                  flush=True)
+            print(f"compiled regions: first two steps (compilation included) {time.perf_counter() - start:.1f} s, "
+                  f"{_graphs()} graphs", flush=True)
 
     def one_round() -> dict[str, tuple[float, float]]:
         """One step of each model; both Stage III paths train the same newly drawn sub-net."""
@@ -106,6 +106,8 @@ def main() -> None:
         return {title: step(model, assignment) for title, model in models.items()}
 
     rounds = [one_round() for _ in range(args.repeats)]
+    if args.compiled:  # every round drew a new sub-net: new data for the compiled regions, not new graphs
+        print(f"compiled regions: {_graphs()} graphs after {args.repeats} more sub-nets")
     median = statistics.median
     print(f"threads={torch.get_num_threads()} batch={args.batch} repeats={args.repeats}")
     for k, clock in enumerate(("wall", "cpu")):
@@ -123,6 +125,12 @@ def main() -> None:
                     step(model)
             print(f"\n{title}, 3 steps:")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def _graphs() -> int:
+    """Graphs dynamo has built in this process."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
 
 
 if __name__ == "__main__":
