@@ -170,6 +170,7 @@ def test_independent_networks_share_one_train_run_when_asked():
     gets its own; `false` leaves every node a Train run of its own."""
     raw = yaml.safe_load((CONFIGS / "embedded.yaml").read_text())
     raw["seeds"] = [0, 1]
+    raw["scaling"]["pack_architectures"] = False  # the main chain's stages alone (the test below packs them)
     runs = [[n.key for n in members] for members in
             build_plan(parse_pipeline_config(raw, "e.yaml"), data_path="/data", tracking_uri="sqlite:////tmp/x.db").train_runs()]
     shared = [keys for keys in runs if len(keys) > 1]
@@ -192,7 +193,7 @@ def test_pack_architectures_puts_each_main_stage_of_every_architecture_in_one_tr
     Tune sweep (Stage III) and the ablation stay alone; an architecture whose Stage I is longer (its own
     override) cannot share the others' run and gets its own."""
     raw = yaml.safe_load((CONFIGS / "embedded.yaml").read_text())
-    raw["scaling"]["pack_architectures"] = True
+    assert raw["scaling"]["pack_architectures"]  # the default run packs them
     plan = build_plan(parse_pipeline_config(raw, "e.yaml"), data_path="/data", tracking_uri="sqlite:////tmp/x.db")
     runs = [[n.key for n in members] for members in plan.train_runs()]
     assert ["resnet_tiny/main/one", "ebn_tiny/main/one"] in runs
