@@ -6,7 +6,7 @@ a block's end) through its activation quantizer. Eagerly that is a chain of elem
 activation: BN's statistics and apply, the sum, ReLU, divide-clamp-floor-scale; backward the straight-through
 mask, the step size's two dot products, ReLU's mask and BN's backward. Compiled, the quantized tensor is
 written in the pass that applies the BN, and the backward reads each tensor about twice. A Stage III step of
-ResNet-18 on CPU costs 1.05x a plain step this way, against 1.11x eagerly (docs/benchmarks.md, "Train step").
+ResNet-18 on CPU costs 1.02-1.05x a plain step this way, against 1.09-1.12x eagerly (docs/benchmarks.md).
 
 `compile_fused_regions(model)` switches a ResNet to it; the eager path stays the reference. What a sub-net
 draw changes (the Transitional BN entry's tensors, the step size, the bit range lo/hi and LSQ's gradient
