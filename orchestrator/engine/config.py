@@ -198,10 +198,10 @@ class DeepSpeedConfig(BaseModel):
     bf16_on_gpu: bool = Field(True, description="bf16 mixed precision on GPU (CPU always trains in fp32).")
     gradient_clipping: float = Field(0.0, ge=0, description="Max gradient norm (0 = off).")
     compile_blocks: bool = Field(False, description="Train with bitmixer_core.compile_fused_regions: each BN -> "
-                                 "ReLU -> quantizer region compiled (a Stage III step ~1.04x a plain one on CPU, "
-                                 "against ~1.11x eagerly; docs/benchmarks.md) for a one-time compile of ~1-5 min "
-                                 "per worker process: for long runs, not a few short epochs. Classic block order, "
-                                 "needs a C++ compiler (CPU) or Triton (GPU).")
+                                 "ReLU -> quantizer region compiled (a Stage III step 1.02-1.05x a plain one on "
+                                 "CPU, against 1.09-1.12x eagerly; docs/benchmarks.md) for a one-time compile of "
+                                 "~1-5 min per worker process: for long runs, not a few short epochs. Classic "
+                                 "block order, float32 training (a bf16 engine trains eagerly), a C++ compiler.")
 
 
 class ScalingConfig(BaseModel):

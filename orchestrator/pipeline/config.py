@@ -232,6 +232,7 @@ class ScalingSpec(ScalingConfig):
                                      "architecture, for a small machine; a failure then stops them all, and "
                                      "separate runs finish sooner where the cluster has room for all of them.")
     zero_stage: ZeroStage = _same(DeepSpeedConfig, "zero_stage")
+    compile_blocks: bool = _same(DeepSpeedConfig, "compile_blocks")
     max_failures: int = _same(StageConfig, "max_failures")
 
 

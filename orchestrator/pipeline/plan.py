@@ -124,7 +124,8 @@ class _Builder:
             # teacher_uri is a placeholder until the teacher's stage is done (the runner replaces it).
             distill=DistillConfig(teacher="path", teacher_uri="pending", temperature=d.temperature,
                                   weight=d.weight) if teacher else DistillConfig(),
-            deepspeed=DeepSpeedConfig(zero_stage=self.cfg.scaling.zero_stage),
+            deepspeed=DeepSpeedConfig(zero_stage=self.cfg.scaling.zero_stage,
+                                      compile_blocks=self.cfg.scaling.compile_blocks),
             scaling=ScalingConfig(**self.cfg.scaling.model_dump(include=set(ScalingConfig.model_fields))),
             tracking=self.tracking.model_copy(update={"run_name": title}),
             eval_every_epochs=spec.eval_every, seed=self.cfg.seed, storage_path=self.storage,

@@ -204,3 +204,17 @@ def test_pack_architectures_puts_each_main_stage_of_every_architecture_in_one_tr
     plan = build_plan(parse_pipeline_config(raw, "e.yaml"), data_path="/data", tracking_uri="sqlite:////tmp/x.db")
     runs = [[n.key for n in members] for members in plan.train_runs()]
     assert ["resnet_tiny/main/one"] in runs and ["ebn_tiny/main/one"] in runs
+
+
+def test_compile_blocks_reaches_every_stage_and_is_refused_with_the_bn_first_order():
+    """`scaling.compile_blocks: true` turns the engine's compiled regions on in every stage of the plan;
+    with an architecture in the BN-first block order the engine's refusal is a PipelineConfigError at plan
+    time, before Ray starts."""
+    raw = yaml.safe_load((CONFIGS / "embedded.yaml").read_text())
+    assert not any(n.config.deepspeed.compile_blocks for n in _plan("embedded").nodes.values())
+    raw["scaling"]["compile_blocks"] = True
+    plan = build_plan(parse_pipeline_config(raw, "e.yaml"), data_path="/data", tracking_uri="sqlite:////tmp/x.db")
+    assert all(n.config.deepspeed.compile_blocks for n in plan.nodes.values())
+    raw["architectures"][0]["block_order"] = "bn_quantize_conv"
+    with pytest.raises(PipelineConfigError, match="compile_blocks"):
+        build_plan(parse_pipeline_config(raw, "e.yaml"), data_path="/data", tracking_uri="sqlite:////tmp/x.db")
