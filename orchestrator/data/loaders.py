@@ -37,17 +37,25 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
-from ffcv.loader import Loader, OrderOption
-from ffcv.reader import Reader
-from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
 
-from .beton import IMAGE_FIELD, LABEL_FIELD
-from .config import DataConfig
-from .errors import DataError
+from .compile_cache import enable_compile_cache
 
-from .folder import DATA_FILES, check_data_folder  # noqa: F401 (re-exported)
+# Every process that builds a loader (a Train worker, the final model's Table 6 search and plots in a stage
+# task, the deploy CLI) loads FFCV's numba code from the on-disk cache instead of compiling it (~8 CPU-s for
+# a validation loader on 2 cores); it must be on before FFCV is imported.
+enable_compile_cache()
+
+from ffcv.fields.basics import IntDecoder  # noqa: E402
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder  # noqa: E402
+from ffcv.loader import Loader, OrderOption  # noqa: E402
+from ffcv.reader import Reader  # noqa: E402
+from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage  # noqa: E402
+
+from .beton import IMAGE_FIELD, LABEL_FIELD  # noqa: E402
+from .config import DataConfig  # noqa: E402
+from .errors import DataError  # noqa: E402
+
+from .folder import DATA_FILES, check_data_folder  # noqa: E402, F401 (re-exported)
 
 
 def read_classes(path: str | Path) -> dict[str, int]:
