@@ -50,6 +50,21 @@ def _ensure_ray(cfg: StageConfig) -> None:
     ray.init(runtime_env={"env_vars": env})
 
 
+def stage_trainer_class():
+    """Ray's TorchTrainer less its Ray Datasets helper: Ray Train starts a `DatasetManager` actor in every run
+    (a process of its own, ~2 CPU-s to start on 2 cores) even when no Ray Dataset is passed, and a stage reads
+    its data with FFCV, never through Ray Datasets. Every other callback of Ray's stays."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+
+    class StageTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    return StageTrainer
+
+
 def _fetch_model_pt(checkpoint, folder: str, destination: Path) -> Path:
     """Copy model.pt out of `folder` of Ray's checkpoint (local or S3; "" = the checkpoint's own folder) to
     `destination`, atomically."""
@@ -112,7 +127,6 @@ def run_stages(cfgs: Sequence[StageConfig], *, retrain: bool = False,
     check_tracking_reachable(cfg.tracking)  # one sentence now rather than a failure an hour later
     check_data_folder(cfg.data.path, num_classes=cfg.model.num_classes)  # likewise, before any run or worker
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from orchestrator.engine.worker import train_loop_per_worker
 
@@ -133,7 +147,7 @@ def run_stages(cfgs: Sequence[StageConfig], *, retrain: bool = False,
         os.environ[WORKER_GROUP_START_TIMEOUT_VARIABLE] = str(cfg.scaling.start_timeout_s)
         storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
         ray_run_name = train_run_name(cfgs, digests, retrain_id=run_ids[0] if retrain else None)
-        trainer = TorchTrainer(
+        trainer = stage_trainer_class()(
             train_loop_per_worker,
             train_loop_config={"stages": resolved, "run_ids": run_ids, "name": ray_run_name,
                                "torch_extensions_dir": torch_extensions_dir(),
