@@ -13,7 +13,7 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-STAGE_EPOCHS = {"one": 3, "two": 2, "three": 3}
+STAGE_EPOCHS = {"one": 3, "two": 2, "three": 2}
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from tests.engine.callbacks import recorded
 from .conftest import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
-EPOCHS = 10  # short epochs; enough of them that SIGTERM lands mid-stage
+EPOCHS = 7  # short epochs; enough of them that SIGTERM lands mid-stage
 
 
 def _config(tmp) -> str:
