@@ -17,14 +17,13 @@ import argparse
 import subprocess
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage_cpu import _session_processes  # noqa: E402  (the same per-process reading as one stage's bench)
+from stage_cpu import sample_until_exit  # noqa: E402  (the same per-process reading as one stage's bench)
 
 REPO = Path(__file__).resolve().parents[1]
 WINDOW_S = 30  # the stretch over which busy cores are averaged
@@ -49,14 +48,7 @@ def _variant_config(preset: Path, settings: dict, work_dir: Path) -> dict:
 def _pipeline(config_path: Path, log: Path) -> dict:
     proc = subprocess.Popen([sys.executable, "pipelines/full_paper.py", "--config", str(config_path)], cwd=REPO,
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    start, last, samples = time.perf_counter(), {}, []
-    while proc.poll() is None:
-        for pid, (kind, cpu) in _session_processes(proc.pid).items():
-            keep = pid in last and (kind == "?" or last[pid][0] == "Train worker")  # see stage_cpu
-            last[pid] = (last[pid][0] if keep else kind, cpu)
-        samples.append((time.perf_counter() - start, sum(cpu for _, cpu in last.values())))
-        time.sleep(1.0)
-    wall = time.perf_counter() - start
+    wall, last, samples = sample_until_exit(proc, 1.0)
     if proc.returncode != 0:
         raise SystemExit(f"the pipeline failed; its log: {log}")
     by_role: dict[str, float] = defaultdict(float)

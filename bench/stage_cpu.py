@@ -63,6 +63,21 @@ def _kind(cmdline: str) -> str:
     return cmdline.split(" ")[0].rsplit("/", 1)[-1] or "?"
 
 
+def sample_until_exit(proc: subprocess.Popen, interval_s: float):
+    """Sample every process of `proc`'s session until `proc` exits: (wall seconds, {pid: (what it is, CPU
+    seconds)}, [(seconds since start, CPU seconds of the session so far)])."""
+    start, last, samples = time.perf_counter(), {}, []
+    while proc.poll() is None:
+        for pid, (kind, cpu) in _session_processes(proc.pid).items():
+            # An exited process (a zombie until reaped) has no command line left: keep what it was; a Train
+            # worker stays one (while it runs a method Ray may title it 'ray::execute').
+            keep = pid in last and (kind == "?" or last[pid][0] == "Train worker")
+            last[pid] = (last[pid][0] if keep else kind, cpu)
+        samples.append((time.perf_counter() - start, sum(cpu for _, cpu in last.values())))
+        time.sleep(interval_s)
+    return time.perf_counter() - start, last, samples
+
+
 def _local_run_environment(code: Path) -> dict[str, str]:
     """The variables the pipeline gives its stage tasks on a local CPU run, as the code in `code` says."""
     out = subprocess.run([sys.executable, "-c", "import json; from orchestrator.engine.process_env import "
@@ -89,15 +104,7 @@ def _stage(data: str, tracking_uri: str, workdir: Path, env: dict[str, str], nam
                                            **env},
                             stdout=open(workdir / f"{name}.log", "wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
-    start, last = time.perf_counter(), {}
-    while proc.poll() is None:
-        for pid, (kind, cpu) in _session_processes(proc.pid).items():
-            # An exited process (a zombie until reaped) has no command line left: keep what it was; a Train
-            # worker stays one (while it runs a method Ray may title it 'ray::execute').
-            keep = pid in last and (kind == "?" or last[pid][0] == "Train worker")
-            last[pid] = (last[pid][0] if keep else kind, cpu)
-        time.sleep(0.25)
-    wall = time.perf_counter() - start
+    wall, last, _ = sample_until_exit(proc, 0.25)
     if proc.returncode != 0:
         raise SystemExit(f"the stage failed; its log: {workdir / (name + '.log')}")
     by_kind: dict[str, float] = defaultdict(float)
