@@ -10,9 +10,10 @@ stamp="$VENV/.bitmixer-setup"
 want=$( (cat pyproject.toml infra/setup.sh; echo "$TORCH_VERSION") | sha256sum | cut -d' ' -f1)
 
 # FFCV compiles against OpenCV and libjpeg-turbo; pkg-config, g++ and ninja build it and DeepSpeed's ops;
+# the training loader's crop-only JPEG decoder is built on first use against libjpeg's own headers;
 # rsync is what the Ray cluster launcher uploads with (tests/infra runs it with the launcher's filter);
 # chromium is the browser tests/ui opens the MLflow UI in (headless, driven by Playwright).
-apt_pkgs="libopencv-dev libturbojpeg0-dev pkg-config g++ ninja-build rsync chromium"
+apt_pkgs="libopencv-dev libturbojpeg0-dev libjpeg-dev pkg-config g++ ninja-build rsync chromium"
 missing=""
 for p in $apt_pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

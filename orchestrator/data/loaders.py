@@ -23,9 +23,8 @@ validation set exactly once.
 
 FFCV hands out uint8 batches (decoded, cropped and flipped straight to the final size, an NCHW view of its
 NHWC buffer: no copy); `NormalizeImages` turns them into float32 normalised images where they are consumed,
-in two tensor passes (a converting copy, one multiply-add): on CUDA the uint8 batch moves with
-`non_blocking=True` inside the FFCV pipeline and is normalised on the GPU; on CPU it is normalised in the
-training process. The result is channels-last when `cfg.channels_last`, contiguous NCHW otherwise. Batches
+on CUDA the uint8 batch moves with `non_blocking=True` inside the FFCV pipeline and is normalised on the
+GPU in two tensor passes; on CPU it is normalised in the training process, in one pass of a numba loop. The result is channels-last when `cfg.channels_last`, contiguous NCHW otherwise. Batches
 are reused buffers on CPU (FFCV's, then a small ring of normalised ones): `.clone()` anything kept past the
 next iteration. The CUDA path has not been run on a GPU in this repository yet.
 """
@@ -35,6 +34,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
+import numba
 import numpy as np
 import torch
 
@@ -54,7 +54,7 @@ from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchIma
 from .beton import IMAGE_FIELD, LABEL_FIELD  # noqa: E402
 from .config import DataConfig  # noqa: E402
 from .errors import DataError  # noqa: E402
-
+from .jpeg_region import RegionDecodingRandomResizedCrop  # noqa: E402
 from .folder import DATA_FILES, check_data_folder  # noqa: E402, F401 (re-exported)
 
 
@@ -72,24 +72,41 @@ def _image_tail(device: torch.device) -> list:
     return [ToTensor(), ToTorchImage(channels_last=True)]
 
 
+@numba.njit(parallel=True, cache=True)
+def _normalise_nhwc(source, destination, scale, shift):
+    """destination[n, y, x, c] = source[n, y, x, c] * scale[c] + shift[c]: uint8 in, float32 out, both indexed
+    NHWC whatever their memory order, one image per parallel step. Innermost over x, so that a contiguous
+    NCHW destination is written in runs (the uint8 reads, 4x smaller, take the stride)."""
+    for n in numba.prange(source.shape[0]):
+        for y in range(source.shape[1]):
+            for c in range(source.shape[3]):
+                a, b = scale[c], shift[c]
+                for x in range(source.shape[2]):
+                    destination[n, y, x, c] = np.float32(source[n, y, x, c]) * a + b
+
+
 class NormalizeImages:
     """uint8 NCHW batch (channels-last in memory, as `_image_tail` hands it out) -> float32
     (x - 255 mean) / (255 std), channels-last or contiguous NCHW as `cfg.channels_last` asks, on the batch's
     own device: the GPU on CUDA, the training process on CPU.
 
-    Two passes over the output: a converting copy (which also transposes when contiguous NCHW is asked for),
-    then one in-place x * (1 / (255 std)) + (-mean / std). The per-channel constants are laid out along the
-    innermost memory dimension of the output (a row of W pixels x 3 channels when channels-last, a whole
-    H x W plane otherwise), so both passes run as plain vectorised loops. On CPU the output lives in a ring of
-    `buffers` reused batches, like FFCV's own (a fresh ~40 MB tensor per batch costs more in page faults than
-    the arithmetic): a batch stays valid for `buffers - 1` more iterations; `.clone()` anything kept past the
-    next one. On CUDA each batch is a fresh tensor (the caching allocator makes that free).
+    On CPU it is one pass of a numba loop (`_normalise_nhwc`: read a pixel, convert, multiply-add, store
+    where the output's layout wants it), with at most torch's thread count; the output lives in a ring of
+    `buffers` reused batches, like FFCV's own (a fresh ~40 MB tensor per batch costs more in page faults
+    than the arithmetic): a batch stays valid for `buffers - 1` more iterations; `.clone()` anything kept
+    past the next one. On CUDA it is two tensor passes, a converting copy (which also transposes when
+    contiguous NCHW is asked for) and one in-place x * (1 / (255 std)) + (-mean / std) with the per-channel
+    constants laid out along the output's innermost memory dimension; each batch is a fresh tensor there (the
+    caching allocator makes that free).
 
-    Against FFCV's former CPU normalisation (a float32 lookup table computed in float64) every value differs
-    by at most a few float32 roundings: see tests/data/test_normalisation.py for the bound.
+    Both compute fl(fl(x a) + b) with a = fl(1 / (255 std)), b = fl(-mean / std). Against FFCV's former CPU
+    normalisation (a float32 lookup table computed in float64) every value differs by at most a few float32
+    roundings: see tests/data/test_normalisation.py for the bound.
     """
 
-    def __init__(self, cfg: DataConfig, buffers: int = 3):
+    def __init__(self, cfg: DataConfig, buffers: int = 3, *, numba_on_cpu: bool = True):
+        # numba_on_cpu=False: the two tensor passes on CPU as well (the former CPU path; what the GPU runs).
+        self.numba_on_cpu = numba_on_cpu
         mean = torch.tensor(cfg.mean, dtype=torch.float64)
         std = torch.tensor(cfg.std, dtype=torch.float64)
         self.scale = (1 / (255 * std)).to(torch.float32)
@@ -122,6 +139,11 @@ class NormalizeImages:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         out = self._output(images)
+        if images.device.type == "cpu" and self.numba_on_cpu:
+            numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+            _normalise_nhwc(images.permute(0, 2, 3, 1).numpy(), out.permute(0, 2, 3, 1).numpy(),
+                            self.scale.numpy(), self.shift.numpy())
+            return out
         out.copy_(images)
         n, c, h, w = out.shape
         if self.channels_last:
@@ -220,7 +242,8 @@ def build_train_loader(
     del rank  # FFCV's distributed sampler reads the rank from the process group
     batch = _per_worker_batch(cfg, world_size)
     res = cfg.resolution_for(0)
-    decoder = RandomResizedCropRGBImageDecoder((res, res), scale=tuple(cfg.train_crop_scale))
+    decoder_class = RegionDecodingRandomResizedCrop if cfg.decode_crop_only else RandomResizedCropRGBImageDecoder
+    decoder = decoder_class((res, res), scale=tuple(cfg.train_crop_scale))
     path = str(Path(cfg.path) / "train.beton")
     kept = holdout_split(Reader(path).num_samples, cfg.holdout_fraction)[0] if cfg.holdout_fraction else None
     loader = Loader(

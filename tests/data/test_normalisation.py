@@ -49,14 +49,15 @@ def former_lookup(images: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
     return table[images.long(), torch.arange(3).view(1, 3, 1, 1)]
 
 
+@pytest.mark.parametrize("numba_on_cpu", [True, False], ids=["numba loop", "tensor passes (the GPU path)"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_every_pixel_value_matches_the_former_lookup_table(channels_last):
-    """All 256 values of every channel, normalised by the new path, are within the rounding bound of FFCV's
+def test_every_pixel_value_matches_the_former_lookup_table(channels_last, numba_on_cpu):
+    """All 256 values of every channel, normalised by either path, are within the rounding bound of FFCV's
     former lookup table; the output is float32 in the memory format the config asks for."""
     cfg = DataConfig(path="unused", channels_last=channels_last)
     values = torch.arange(256, dtype=torch.uint8).view(1, 16, 16, 1).expand(2, 16, 16, 3)
     images = values.contiguous().permute(0, 3, 1, 2)  # NHWC memory, as FFCV hands them out
-    out = NormalizeImages(cfg)(images)
+    out = NormalizeImages(cfg, numba_on_cpu=numba_on_cpu)(images)
     assert out.dtype == torch.float32 and out.shape == (2, 3, 16, 16)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     assert out.is_contiguous(memory_format=memory_format)

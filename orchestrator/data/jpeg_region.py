@@ -1,0 +1,128 @@
+"""The training decoder that decodes only the random-resized crop's window of each JPEG.
+
+FFCV's `RandomResizedCropRGBImageDecoder` decodes a whole JPEG and then crops it; this one draws the crop
+first (the same draw, from the same random stream) and has libjpeg decode just that window
+(`jpeg_region.c`), so the batches are the same pixels for less CPU time. Raw images take FFCV's path.
+
+The C helper is built on first use with the machine's C compiler against the system libjpeg (libjpeg-turbo
+>= 1.5), into a cache folder shared by every process of the machine, keyed by the source's hash. Several
+processes may build it at once: each writes a private file and renames it into place.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder
+from ffcv.libffcv import resize_crop
+from ffcv.pipeline.compiler import Compiler
+
+from .errors import DataError
+
+SOURCE = Path(__file__).with_name("jpeg_region.c")
+CACHE_DIR_VARIABLE = "BITMIXER_NATIVE_CACHE"
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_DIR_VARIABLE) or Path.home() / ".cache" / "bitmixer" / "native")
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CC"), "cc", "gcc"):
+        if name and shutil.which(name):
+            return name
+    raise DataError(
+        "Decoding only the crop of each JPEG needs a C compiler and none was found (tried $CC, cc, gcc); "
+        "install gcc and libjpeg's headers (Debian, Ubuntu: apt-get install gcc libjpeg-dev) or set "
+        "data.decode_crop_only: false."
+    )
+
+
+def build_library() -> Path:
+    """The compiled helper's path, building it first if this machine has not."""
+    source = SOURCE.read_bytes()
+    target = _cache_dir() / f"jpeg_region-{hashlib.sha256(source).hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    compiler = _compiler()
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as scratch:
+        built = Path(scratch) / target.name
+        result = subprocess.run(
+            [compiler, "-O2", "-shared", "-fPIC", str(SOURCE), "-ljpeg", "-o", str(built)],
+            capture_output=True, text=True,
+        )
+        if result.returncode != 0:
+            said = (result.stderr.strip().splitlines() or ["no message"])[-1]
+            raise DataError(
+                f"Could not build the JPEG region decoder ({compiler}: {said}); install libjpeg's headers "
+                "(Debian, Ubuntu: apt-get install libjpeg-dev) or set data.decode_crop_only: false."
+            )
+        os.replace(built, target)
+    return target
+
+
+# The ctypes function, bound before anything calls or compiles `decode_jpeg_region`. A module global, not a
+# closure value: numba then compiles the call without trying to put the pointer in its on-disk cache key.
+_decode_region_c = None
+
+
+def _bind_library() -> None:
+    global _decode_region_c
+    if _decode_region_c is None:
+        function = ctypes.CDLL(str(build_library())).decode_jpeg_region
+        function.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p] + 4 * [ctypes.c_uint32]
+        function.restype = ctypes.c_int
+        _decode_region_c = function
+
+
+def _decode_region(source, destination, top, left):
+    return _decode_region_c(source.ctypes.data, source.size, destination.ctypes.data,
+                            top, left, destination.shape[0], destination.shape[1])
+
+
+def decode_jpeg_region(source: np.ndarray, destination: np.ndarray, top: int, left: int) -> int:
+    """Decode the window of `destination`'s shape (height, width, 3) at (top, left) of the JPEG bytes in
+    `source`; 0 on success, -1 (and a zero-filled window) when the bytes are not a decodable JPEG."""
+    _bind_library()
+    return _decode_region(source, destination, top, left)
+
+
+class RegionDecodingRandomResizedCrop(RandomResizedCropRGBImageDecoder):
+    """FFCV's random-resized crop (same crop draw, same resize), decoding only the crop of a JPEG."""
+
+    def generate_code(self):
+        jpg = IMAGE_MODES["jpg"]
+        read = self.memory_read
+        each = Compiler.get_iterator()
+        _bind_library()
+        decode_region = Compiler.compile(_decode_region)
+        resize = Compiler.compile(resize_crop)
+        draw_crop = Compiler.compile(self.get_crop_generator)
+        scale, ratio = np.array(self.scale), np.array(self.ratio)
+
+        def decode(batch_indices, storage, metadata, storage_state):
+            destination, scratch = storage
+            for slot in each(len(batch_indices)):
+                field = metadata[batch_indices[slot]]
+                data = read(field["data_ptr"], storage_state)
+                height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                top, left, crop_height, crop_width = draw_crop(height, width, scale, ratio)
+                if field["mode"] == jpg:
+                    window = scratch[slot][: crop_height * crop_width * 3].reshape(crop_height, crop_width, 3)
+                    decode_region(data, window, top, left)
+                    resize(window, 0, crop_height, 0, crop_width, destination[slot])
+                else:
+                    image = data.reshape(height, width, 3)
+                    resize(image, top, top + crop_height, left, left + crop_width, destination[slot])
+            return destination[: len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+

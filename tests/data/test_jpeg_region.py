@@ -1,0 +1,139 @@
+"""Decoding only the crop of a JPEG (`orchestrator.data.jpeg_region`) gives the pixels of a whole decode.
+
+The claim is exact: libjpeg decodes the window with the same DCT and the same upsampling as a whole-image
+decode, so every byte must match FFCV's own decoder; no tolerance is needed or allowed.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+from ffcv.libffcv import imdecode
+from ffcv.loader import Loader, OrderOption
+from ffcv.transforms import ToTensor
+
+from orchestrator.data.beton import IMAGE_FIELD, LABEL_FIELD, write_beton
+from orchestrator.data.config import WriterConfig
+from orchestrator.data.errors import DataError
+from orchestrator.data.jpeg_region import CACHE_DIR_VARIABLE, RegionDecodingRandomResizedCrop, build_library, decode_jpeg_region
+
+from .helpers import smooth_image
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+def textured(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Smooth colour blobs plus noise: chroma varies from pixel to pixel, so that a window whose chroma
+    upsampling treated its own edges as the image's differs at those edges."""
+    base = cv2.resize(rng.integers(0, 256, (6, 7, 3), dtype=np.uint8), (width, height), interpolation=cv2.INTER_CUBIC)
+    return np.clip(base.astype(np.int16) + rng.integers(-25, 26, (height, width, 3)), 0, 255).astype(np.uint8)
+
+
+def jpeg(image: np.ndarray, *extra: int) -> np.ndarray:
+    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90, *extra])
+    assert ok
+    return data.reshape(-1)
+
+
+def whole_decode(data: np.ndarray, height: int, width: int) -> np.ndarray:
+    """FFCV's decoder: the whole image, at its own DCT settings."""
+    out = np.zeros(height * width * 3, np.uint8)
+    imdecode(data, out, height, width, height, width, 0, 0, 1, 1, False, False)
+    return out.reshape(height, width, 3)
+
+
+ENCODINGS = {
+    "4:2:0": (),  # the chroma subsampling of the .beton files (FFCV encodes with OpenCV's defaults)
+    "4:4:4": (cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444),
+    "4:2:2": (cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422),
+    "progressive 4:2:0": (cv2.IMWRITE_JPEG_PROGRESSIVE, 1),
+}
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_every_window_is_the_same_pixels_as_a_whole_decode(encoding):
+    """Windows at the four corners, along every edge, the whole image, single pixels and rows, and random
+    ones, of an image whose sides are not multiples of the 16-pixel MCU."""
+    rng = np.random.default_rng(7)
+    height, width = 139, 181
+    data = jpeg(textured(rng, height, width), *ENCODINGS[encoding])
+    whole = whole_decode(data, height, width)
+    windows = [(0, 0, height, width), (0, 0, 1, 1), (height - 1, width - 1, 1, 1), (0, width - 37, 50, 37),
+               (height - 20, 0, 20, 61), (17, 33, 1, 100), (40, 1, 90, 1), (5, 16, 100, 32), (16, 15, 33, 18)]
+    for _ in range(40):
+        h, w = int(rng.integers(1, height + 1)), int(rng.integers(1, width + 1))
+        windows.append((int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w))
+    for top, left, h, w in windows:
+        window = np.full((h, w, 3), 77, np.uint8)
+        assert decode_jpeg_region(data, window, top, left) == 0
+        assert np.array_equal(window, whole[top:top + h, left:left + w]), (top, left, h, w)
+
+
+def test_bytes_that_are_no_jpeg_and_windows_off_the_image_are_refused():
+    """-1 and a zero-filled window, never stale memory in a batch."""
+    rng = np.random.default_rng(1)
+    data = jpeg(textured(rng, 40, 50))
+    window = np.full((10, 10, 3), 200, np.uint8)
+    assert decode_jpeg_region(rng.integers(0, 256, 4000, dtype=np.uint8), window, 0, 0) == -1
+    assert not window.any()
+    window[:] = 200
+    assert decode_jpeg_region(data, window, 35, 0) == -1  # rows 35..44 of a 40-row image
+    assert not window.any()
+    window[:] = 200
+    assert decode_jpeg_region(data, window, 0, 45) == -1  # columns 45..54 of a 50-column image
+    assert not window.any()
+
+
+def test_loader_batches_equal_those_of_ffcv_whole_image_decoder(tmp_path):
+    """Through FFCV's loader, JPEG and raw images of several shapes: with the crop drawn deterministically
+    (the whole area at aspect 1 never fits a non-square image, so both decoders take the same centre crop),
+    the two decoders hand out the same batches, byte for byte, with two worker threads."""
+    rng = np.random.default_rng(3)
+    shapes = [(61, 90), (97, 64), (50, 50), (83, 121), (120, 47)]
+
+    class Images:
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, index):
+            h, w = shapes[index % len(shapes)]
+            return (textured(rng, h, w) if index % 3 else smooth_image(rng, h)[:, :1].repeat(w, 1)), index
+
+    path = tmp_path / "train.beton"
+    write_beton(Images(), path, WriterConfig(max_resolution=None, compress_probability=0.7,
+                                              page_size=2 * 1024 * 1024, workers=1))
+
+    def batches(decoder_class):
+        loader = Loader(str(path), batch_size=8, num_workers=2, order=OrderOption.SEQUENTIAL, drop_last=False,
+                        pipelines={IMAGE_FIELD: [decoder_class((32, 32), scale=(1, 1), ratio=(1, 1)), ToTensor()],
+                                   LABEL_FIELD: None})
+        return torch.cat([images.clone() for (images,) in loader])
+
+    whole, region = batches(RandomResizedCropRGBImageDecoder), batches(RegionDecodingRandomResizedCrop)
+    assert whole.shape == (40, 32, 32, 3) and whole.float().std() > 10  # real images, not a blank batch
+    assert torch.equal(region, whole)
+
+
+def test_a_machine_without_a_compiler_is_told_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("CC", raising=False)
+    with pytest.raises(DataError, match="needs a C compiler.*decode_crop_only: false"):
+        build_library()
+
+
+def test_a_failed_build_says_so_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    failing = tmp_path / "failing-cc"
+    failing.write_text("#!/bin/sh\necho 'fatal error: jpeglib.h: No such file or directory' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(failing))
+    with pytest.raises(DataError, match="jpeglib.h: No such file.*apt-get install libjpeg-dev"):
+        build_library()
+    assert list((tmp_path / "cache").iterdir()) == []  # the next try builds afresh
+    monkeypatch.delenv("CC")
+    built = build_library()  # with the machine's compiler, into the same folder
+    assert built.parent == tmp_path / "cache" and built.stat().st_size > 0
