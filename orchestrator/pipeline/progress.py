@@ -177,7 +177,9 @@ class ProgressBoard:
 
 def poll_running(client, experiment_id: str, since_ms: int, stages: dict[str, StageState]) -> dict[str, dict]:
     """The stages that have a RUNNING run in the tracking store (started since `since_ms`): plan key ->
-    {started, epochs_done, epoch_seconds, note}. A sweep's trials count for their sweep's stage."""
+    {started, epochs_done, epoch_seconds, note}. A sweep's trials count for their sweep's stage; the run the
+    trials nest under trains nothing and is not one of them."""
+    from orchestrator.pipeline.sweep import TAG_SWEEP
     from orchestrator.tracking.stage_run import STATUS_RUNNING, TAG_STATUS
 
     runs = client.search_runs([experiment_id], max_results=200,
@@ -185,7 +187,10 @@ def poll_running(client, experiment_id: str, since_ms: int, stages: dict[str, St
                                             f"attributes.start_time >= {since_ms}")
     by_name = {s.name: s.key for s in stages.values()}
     found: dict[str, dict] = {}
+    runs_of: dict[str, int] = {}
     for run in runs:
+        if TAG_SWEEP in run.data.tags:
+            continue
         name = run.info.run_name or ""
         key = by_name.get(name) or next((k for n, k in by_name.items() if name.startswith(n + " ")), None)
         if key is None:
@@ -194,11 +199,12 @@ def poll_running(client, experiment_id: str, since_ms: int, stages: dict[str, St
         entry = {"started": run.info.start_time / 1000.0, "epochs_done": len(history),
                  "epoch_seconds": sum(m.value for m in history),
                  "note": name.removeprefix(stages[key].name).strip()}
+        runs_of[key] = runs_of.get(key, 0) + 1
         previous = found.get(key)
         if previous is None:
             found[key] = entry
         else:  # several trials of one sweep: the stage is as far as its slowest trial
             previous["epochs_done"] = min(previous["epochs_done"], entry["epochs_done"])
             previous["started"] = min(previous["started"], entry["started"])
-            previous["note"] = f"{sum(1 for r in runs if (r.info.run_name or '').startswith(stages[key].name))} trials"
+            previous["note"] = f"{runs_of[key]} trials"
     return found

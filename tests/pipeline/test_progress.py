@@ -78,7 +78,8 @@ def test_durations_read_like_a_clock():
 
 def test_running_stages_are_read_from_the_tracking_store(tmp_path):
     """A RUNNING stage run counts its epochs by its sys/epoch_time_s history; a sweep trial counts for its
-    sweep's stage; a FINISHED run and a run of another name are not running stages."""
+    sweep's stage, and the run the trials nest under does not (it trains nothing: counted, it would add a
+    trial and hold the stage at 0 epochs); a FINISHED run and a run of another name are not running stages."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
@@ -87,16 +88,18 @@ def test_running_stages_are_read_from_the_tracking_store(tmp_path):
     stages = {"r/main/two": StageState("r/main/two", "stage2 r", 3),
               "r/main/three": StageState("r/main/three", "stage3 r", 3)}
 
-    def run(name: str, status: str, epochs: int) -> None:
-        run_id = client.create_run(exp, run_name=name, tags={"bitmixer.status": status}).info.run_id
+    def run(name: str, status: str, epochs: int, **tags: str) -> None:
+        run_id = client.create_run(exp, run_name=name, tags={"bitmixer.status": status, **tags}).info.run_id
         client.log_batch(run_id, metrics=[Metric("sys/epoch_time_s", 2.0, 0, e) for e in range(epochs)])
     run("stage2 r", "RUNNING", 2)
-    run("stage3 r k0.667 ramp1 linear", "RUNNING", 1)
+    run("stage3 r sweep", "RUNNING", 0, **{"bitmixer.sweep_of": "r/main/three"})
+    run("stage3 r k0.667 ramp1 linear", "RUNNING", 2)
+    run("stage3 r k0.75 ramp1 linear", "RUNNING", 1)
     run("stage1 r", "RUNNING", 3)       # not a stage of this board
     run("stage3 r k0.8 ramp1 linear", "FINISHED", 3)
     found = poll_running(client, exp, 0, stages)
     assert found["r/main/two"]["epochs_done"] == 2 and found["r/main/two"]["epoch_seconds"] == 4.0
-    assert found["r/main/three"]["epochs_done"] == 1 and found["r/main/three"]["note"] == "k0.667 ramp1 linear"
+    assert found["r/main/three"]["epochs_done"] == 1 and found["r/main/three"]["note"] == "2 trials"
     assert set(found) == {"r/main/two", "r/main/three"}
 
 
