@@ -61,7 +61,7 @@ class Throughput:
 class Hardware:
     gpus_per_node: int = 8
     cores_per_gpu: float = 8.0
-    loader_images_per_s_per_core: float = 310.0
+    loader_images_per_s_per_core: float = 800.0  # docs/scaling.md, "Inputs": from bench/loader.py's ImageNet-like figures
     intra_node_bus_GBps: float = 300.0
     inter_node_bus_GBps: float = 45.0
     latency_s: float = 10e-6
