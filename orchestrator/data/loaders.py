@@ -49,11 +49,12 @@ from ffcv.fields.basics import IntDecoder  # noqa: E402
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder  # noqa: E402
 from ffcv.loader import Loader, OrderOption  # noqa: E402
 from ffcv.reader import Reader  # noqa: E402
-from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage  # noqa: E402
+from ffcv.transforms import ToDevice, ToTensor, ToTorchImage  # noqa: E402
 
 from .beton import IMAGE_FIELD, LABEL_FIELD  # noqa: E402
 from .config import DataConfig  # noqa: E402
 from .errors import DataError  # noqa: E402
+from .flip import RandomHorizontalFlipInPlace  # noqa: E402
 from .jpeg_region import RegionDecodingRandomResizedCrop  # noqa: E402
 from .folder import DATA_FILES, check_data_folder  # noqa: E402, F401 (re-exported)
 
@@ -259,7 +260,7 @@ def build_train_loader(
         seed=cfg.seed,
         drop_last=True,
         pipelines={
-            IMAGE_FIELD: [decoder, RandomHorizontalFlip(), *_image_tail(device)],
+            IMAGE_FIELD: [decoder, RandomHorizontalFlipInPlace(), *_image_tail(device)],
             LABEL_FIELD: _label_pipeline(device),
         },
     )
