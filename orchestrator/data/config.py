@@ -73,8 +73,9 @@ class DataConfig(BaseModel):
     seed: int = 0
     progressive: ProgressiveResolution | None = None
     in_memory: bool = True
-    # Training JPEGs: decode only the random-resized crop's window (the same pixels as a whole decode then a
-    # crop, for less CPU time); needs a C compiler and libjpeg's headers on the machine that loads the data.
+    # JPEGs: decode only the window of the crop (training's random-resized one, validation's centre one): the
+    # same pixels as a whole decode then a crop, for less CPU time; needs a C compiler and libjpeg's headers
+    # on the machine that loads the data.
     decode_crop_only: bool = True
     channels_last: bool = False
     mean: tuple[float, float, float] = IMAGENET_MEAN

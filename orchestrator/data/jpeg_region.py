@@ -1,8 +1,9 @@
-"""The training decoder that decodes only the random-resized crop's window of each JPEG.
+"""Image decoders that decode only the crop's window of each JPEG: the training loader's random-resized crop
+and the validation loader's centre crop.
 
-FFCV's `RandomResizedCropRGBImageDecoder` decodes a whole JPEG and then crops it; this one draws the crop
-first (the same draw, from the same random stream) and has libjpeg decode just that window
-(`jpeg_region.c`), so the batches are the same pixels for less CPU time. Raw images take FFCV's path.
+FFCV's `ResizedCropRGBImageDecoder`s decode a whole JPEG and then crop it; these draw the crop first (the
+same draw, from the same random stream) and have libjpeg decode just that window (`jpeg_region.c`), so the
+batches are the same pixels for less CPU time. Raw images take FFCV's path.
 
 The C helper is built on first use with the machine's C compiler against the system libjpeg (libjpeg-turbo
 >= 1.5), into a cache folder shared by every process of the machine, keyed by the source's hash. Several
@@ -19,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder
+from ffcv.fields.rgb_image import IMAGE_MODES, CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
 from ffcv.libffcv import resize_crop
 from ffcv.pipeline.compiler import Compiler
 
@@ -94,8 +95,9 @@ def decode_jpeg_region(source: np.ndarray, destination: np.ndarray, top: int, le
     return _decode_region(source, destination, top, left)
 
 
-class RegionDecodingRandomResizedCrop(RandomResizedCropRGBImageDecoder):
-    """FFCV's random-resized crop (same crop draw, same resize), decoding only the crop of a JPEG."""
+class RegionDecoding:
+    """Mixed into one of FFCV's resized-crop decoders: its crop (`get_crop_generator`) and its resize, with
+    only the crop of a JPEG decoded."""
 
     def generate_code(self):
         jpg = IMAGE_MODES["jpg"]
@@ -105,7 +107,8 @@ class RegionDecodingRandomResizedCrop(RandomResizedCropRGBImageDecoder):
         decode_region = Compiler.compile(_decode_region)
         resize = Compiler.compile(resize_crop)
         draw_crop = Compiler.compile(self.get_crop_generator)
-        scale, ratio = np.array(self.scale), np.array(self.ratio)
+        # FFCV's crop generators take arrays for ranges and plain numbers otherwise (the centre crop's ratio).
+        scale, ratio = (np.array(v) if isinstance(v, tuple) else v for v in (self.scale, self.ratio))
 
         def decode(batch_indices, storage, metadata, storage_state):
             destination, scratch = storage
@@ -126,3 +129,10 @@ class RegionDecodingRandomResizedCrop(RandomResizedCropRGBImageDecoder):
         decode.is_parallel = True
         return decode
 
+
+class RegionDecodingRandomResizedCrop(RegionDecoding, RandomResizedCropRGBImageDecoder):
+    """FFCV's random-resized crop (same crop draw, same resize), decoding only the crop of a JPEG."""
+
+
+class RegionDecodingCenterCrop(RegionDecoding, CenterCropRGBImageDecoder):
+    """FFCV's centre crop (`ratio` of the shorter side, then the resize), decoding only the crop of a JPEG."""

@@ -55,7 +55,7 @@ from .beton import IMAGE_FIELD, LABEL_FIELD  # noqa: E402
 from .config import DataConfig  # noqa: E402
 from .errors import DataError  # noqa: E402
 from .flip import RandomHorizontalFlipInPlace  # noqa: E402
-from .jpeg_region import RegionDecodingRandomResizedCrop  # noqa: E402
+from .jpeg_region import RegionDecodingCenterCrop, RegionDecodingRandomResizedCrop  # noqa: E402
 from .folder import DATA_FILES, check_data_folder  # noqa: E402, F401 (re-exported)
 
 
@@ -289,6 +289,7 @@ def build_val_loader(cfg: DataConfig, *, rank: int, world_size: int, device: tor
             "use fewer workers or a larger data set."
         )
     res = cfg.val_resolution
+    centre_crop = RegionDecodingCenterCrop if cfg.decode_crop_only else CenterCropRGBImageDecoder
     loader = Loader(
         path,
         batch_size=batch,
@@ -299,7 +300,7 @@ def build_val_loader(cfg: DataConfig, *, rank: int, world_size: int, device: tor
         indices=shard,
         drop_last=False,
         pipelines={
-            IMAGE_FIELD: [CenterCropRGBImageDecoder((res, res), ratio=cfg.val_crop_ratio), *_image_tail(device)],
+            IMAGE_FIELD: [centre_crop((res, res), ratio=cfg.val_crop_ratio), *_image_tail(device)],
             LABEL_FIELD: _label_pipeline(device),
         },
     )

@@ -6,19 +6,23 @@ decode, so every byte must match FFCV's own decoder; no tolerance is needed or a
 
 from __future__ import annotations
 
+import json
+
 import cv2
 import numpy as np
 import pytest
 import torch
-from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
 from ffcv.libffcv import imdecode
 from ffcv.loader import Loader, OrderOption
 from ffcv.transforms import ToTensor
 
 from orchestrator.data.beton import IMAGE_FIELD, LABEL_FIELD, write_beton
-from orchestrator.data.config import WriterConfig
+from orchestrator.data.config import DataConfig, WriterConfig
 from orchestrator.data.errors import DataError
-from orchestrator.data.jpeg_region import CACHE_DIR_VARIABLE, RegionDecodingRandomResizedCrop, build_library, decode_jpeg_region
+from orchestrator.data.jpeg_region import (CACHE_DIR_VARIABLE, RegionDecodingCenterCrop, RegionDecodingRandomResizedCrop,
+                                           build_library, decode_jpeg_region)
+from orchestrator.data.loaders import build_val_loader
 
 from .helpers import smooth_image
 
@@ -87,34 +91,61 @@ def test_bytes_that_are_no_jpeg_and_windows_off_the_image_are_refused():
     assert not window.any()
 
 
-def test_loader_batches_equal_those_of_ffcv_whole_image_decoder(tmp_path):
-    """Through FFCV's loader, JPEG and raw images of several shapes: with the crop drawn deterministically
-    (the whole area at aspect 1 never fits a non-square image, so both decoders take the same centre crop),
-    the two decoders hand out the same batches, byte for byte, with two worker threads."""
+SHAPES = [(61, 90), (97, 64), (50, 50), (83, 121), (120, 47)]
+
+
+@pytest.fixture(scope="module")
+def mixed_data(tmp_path_factory):
+    """A data folder of 40 images of several shapes, about 70 % JPEG and the rest raw, as train and val."""
     rng = np.random.default_rng(3)
-    shapes = [(61, 90), (97, 64), (50, 50), (83, 121), (120, 47)]
 
     class Images:
         def __len__(self):
             return 40
 
         def __getitem__(self, index):
-            h, w = shapes[index % len(shapes)]
-            return (textured(rng, h, w) if index % 3 else smooth_image(rng, h)[:, :1].repeat(w, 1)), index
+            h, w = SHAPES[index % len(SHAPES)]
+            return (textured(rng, h, w) if index % 3 else smooth_image(rng, h)[:, :1].repeat(w, 1)), index % 4
 
-    path = tmp_path / "train.beton"
-    write_beton(Images(), path, WriterConfig(max_resolution=None, compress_probability=0.7,
-                                              page_size=2 * 1024 * 1024, workers=1))
+    folder = tmp_path_factory.mktemp("mixed")
+    writer = WriterConfig(max_resolution=None, compress_probability=0.7, page_size=2 * 1024 * 1024, workers=1)
+    for split in ("train", "val"):
+        write_beton(Images(), folder / f"{split}.beton", writer)
+    (folder / "classes.json").write_text(json.dumps({str(i): i for i in range(4)}))
+    return folder
+
+
+@pytest.mark.parametrize("decoders", [(RandomResizedCropRGBImageDecoder, RegionDecodingRandomResizedCrop),
+                                      (CenterCropRGBImageDecoder, RegionDecodingCenterCrop)],
+                         ids=["random-resized crop", "centre crop"])
+def test_loader_batches_equal_those_of_ffcv_whole_image_decoder(mixed_data, decoders):
+    """Through FFCV's loader, JPEG and raw images of several shapes, two worker threads: the two decoders hand
+    out the same batches, byte for byte. The random-resized crop is asked for the whole area at aspect 1,
+    which never fits a non-square image, so both fall back to the same centre crop."""
+    options = {"scale": (1, 1), "ratio": (1, 1)} if decoders[0] is RandomResizedCropRGBImageDecoder else {"ratio": 0.8}
 
     def batches(decoder_class):
-        loader = Loader(str(path), batch_size=8, num_workers=2, order=OrderOption.SEQUENTIAL, drop_last=False,
-                        pipelines={IMAGE_FIELD: [decoder_class((32, 32), scale=(1, 1), ratio=(1, 1)), ToTensor()],
-                                   LABEL_FIELD: None})
+        loader = Loader(str(mixed_data / "train.beton"), batch_size=8, num_workers=2, order=OrderOption.SEQUENTIAL,
+                        pipelines={IMAGE_FIELD: [decoder_class((32, 32), **options), ToTensor()], LABEL_FIELD: None})
         return torch.cat([images.clone() for (images,) in loader])
 
-    whole, region = batches(RandomResizedCropRGBImageDecoder), batches(RegionDecodingRandomResizedCrop)
+    whole, region = (batches(d) for d in decoders)
     assert whole.shape == (40, 32, 32, 3) and whole.float().std() > 10  # real images, not a blank batch
     assert torch.equal(region, whole)
+
+
+def test_validation_loader_decodes_only_the_crop_and_reads_the_same(mixed_data):
+    """`build_val_loader` uses the centre crop that decodes only its window unless `decode_crop_only` is off,
+    and the two read the same normalised batches."""
+    def read(decode_crop_only):
+        cfg = DataConfig(path=str(mixed_data), val_resolution=32, batch_size=16, num_workers=2,
+                         decode_crop_only=decode_crop_only)
+        loader = build_val_loader(cfg, rank=0, world_size=1, device=torch.device("cpu"))
+        return torch.cat([x.clone() for x, _ in loader]), type(loader.loader.pipeline_specs[IMAGE_FIELD].decoder)
+
+    (region, region_decoder), (whole, whole_decoder) = read(True), read(False)
+    assert (region_decoder, whole_decoder) == (RegionDecodingCenterCrop, CenterCropRGBImageDecoder)
+    assert region.shape == (40, 3, 32, 32) and torch.equal(region, whole)
 
 
 def test_a_machine_without_a_compiler_is_told_what_to_install(tmp_path, monkeypatch):
@@ -137,3 +168,16 @@ def test_a_failed_build_says_so_and_leaves_nothing_half_written(tmp_path, monkey
     monkeypatch.delenv("CC")
     built = build_library()  # with the machine's compiler, into the same folder
     assert built.parent == tmp_path / "cache" and built.stat().st_size > 0
+
+
+@pytest.mark.parametrize("decode_crop_only", [True, False])
+def test_training_loader_follows_the_switch(mixed_data, decode_crop_only):
+    from orchestrator.data.loaders import build_train_loader
+
+    cfg = DataConfig(path=str(mixed_data), train_resolution=32, batch_size=8, num_workers=1,
+                     decode_crop_only=decode_crop_only)
+    train = build_train_loader(cfg, rank=0, world_size=1, device=torch.device("cpu"), distributed=False)
+    decoder = train.loader.pipeline_specs[IMAGE_FIELD].decoder
+    assert type(decoder) is (RegionDecodingRandomResizedCrop if decode_crop_only else RandomResizedCropRGBImageDecoder)
+    images, labels = next(iter(train))
+    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32 and images.std() > 0.1
