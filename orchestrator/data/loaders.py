@@ -21,11 +21,13 @@ through FFCV's `indices=` rather than FFCV's distributed sampler, whose padding 
 twice: every validation image is read by exactly one rank, so counts all-reduced over ranks cover the
 validation set exactly once.
 
-FFCV hands out uint8 batches (decoded, cropped and flipped straight to the final size, an NCHW view of its
-NHWC buffer: no copy); `NormalizeImages` turns them into float32 normalised images where they are consumed,
-on CUDA the uint8 batch moves with `non_blocking=True` inside the FFCV pipeline and is normalised on the
-GPU in two tensor passes; on CPU it is normalised in the training process, in one pass of a numba loop. The result is channels-last when `cfg.channels_last`, contiguous NCHW otherwise. Batches
-are reused buffers on CPU (FFCV's, then a small ring of normalised ones): `.clone()` anything kept past the
+FFCV hands out uint8 batches: each JPEG decoded only inside its crop window (`jpeg_region`), resized
+straight to the final size, flipped in place (`flip`), as an NCHW view of FFCV's NHWC buffer (no copy).
+`NormalizeImages` turns them into float32 normalised images where they are consumed. On CUDA the uint8
+batch moves with `non_blocking=True` inside the FFCV pipeline and is normalised on the GPU in two tensor
+passes; on CPU it is normalised in the training process, in one pass of a numba loop. The result is
+channels-last when `cfg.channels_last`, contiguous NCHW otherwise. Batches are reused buffers on CPU (FFCV's,
+then a small ring of normalised ones): `.clone()` anything kept past the
 next iteration. The CUDA path has not been run on a GPU in this repository yet.
 """
 
