@@ -222,23 +222,31 @@ def time_epochs(make_loader, epochs: int) -> dict:
     }
 
 
-def former_training_loader(cfg: DataConfig) -> TrainLoader:
-    """The training loader before crop-only decoding, the in-place flip and the one-pass CPU normalisation:
-    FFCV's decoder (every JPEG decoded whole, then cropped), FFCV's flip (a copy of every image) and
-    `NormalizeImages`' two tensor passes."""
-    from ffcv.fields.basics import IntDecoder
+def _ffcv_training_loader(cfg: DataConfig, after_flip: list, labels: list):
+    """FFCV's own random-resized crop decoder and copying flip, then `after_flip`: the earlier loaders."""
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
+    from ffcv.transforms import RandomHorizontalFlip
 
     res = cfg.resolution_for(0)
     decoder = RandomResizedCropRGBImageDecoder((res, res), scale=tuple(cfg.train_crop_scale))
     loader = Loader(
         str(Path(cfg.path) / "train.beton"), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
         os_cache=cfg.in_memory, order=OrderOption.RANDOM, seed=cfg.seed, drop_last=True,
-        pipelines={IMAGE_FIELD: [decoder, RandomHorizontalFlip(), ToTensor(), ToTorchImage(channels_last=True)],
-                   LABEL_FIELD: [IntDecoder(), ToTensor()]},
+        pipelines={IMAGE_FIELD: [decoder, RandomHorizontalFlip(), *after_flip], LABEL_FIELD: labels},
     )
+    return loader, decoder
+
+
+def former_training_loader(cfg: DataConfig) -> TrainLoader:
+    """The training loader before crop-only decoding, the in-place flip and the one-pass CPU normalisation:
+    FFCV's decoder (every JPEG decoded whole, then cropped), FFCV's flip (a copy of every image) and
+    `NormalizeImages`' two tensor passes."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.transforms import ToTensor, ToTorchImage
+
+    loader, decoder = _ffcv_training_loader(cfg, [ToTensor(), ToTorchImage(channels_last=True)],
+                                            [IntDecoder(), ToTensor()])
     return TrainLoader(loader, decoder, cfg, NormalizeImages(cfg, numba_on_cpu=False))
 
 
@@ -246,20 +254,11 @@ def ffcv_normalising_in_its_pipeline(cfg: DataConfig):
     """The FFCV training loader as it was before normalisation moved out of FFCV's pipeline: FFCV's numba
     NormalizeImage on CPU, then a contiguous NCHW copy (`ToTorchImage(channels_last=False)`)."""
     from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
+    from ffcv.transforms import NormalizeImage, Squeeze, ToTensor, ToTorchImage
 
-    res = cfg.resolution_for(0)
     mean, std = np.array(cfg.mean) * 255, np.array(cfg.std) * 255
-    return Loader(
-        str(Path(cfg.path) / "train.beton"), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-        os_cache=cfg.in_memory, order=OrderOption.RANDOM, seed=cfg.seed, drop_last=True,
-        pipelines={IMAGE_FIELD: [RandomResizedCropRGBImageDecoder((res, res), scale=tuple(cfg.train_crop_scale)),
-                             RandomHorizontalFlip(), NormalizeImage(mean, std, np.float32), ToTensor(),
-                             ToTorchImage(channels_last=cfg.channels_last)],
-                   LABEL_FIELD: [IntDecoder(), ToTensor(), Squeeze()]},
-    )
+    normalising = [NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage(channels_last=cfg.channels_last)]
+    return _ffcv_training_loader(cfg, normalising, [IntDecoder(), ToTensor(), Squeeze()])[0]
 
 
 def main() -> None:
