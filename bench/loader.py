@@ -14,10 +14,11 @@ data folder's 0.5 stores half of them raw). Without it, 160x160 smooth tiles are
 Both loaders then read the same training images for `--epochs` epochs: random-resized crop to
 `--resolution` (scale 0.08-1, ratio 3/4-4/3), horizontal flip, ImageNet normalisation, float32 NCHW batches
 of `--batch-size` (what the training step consumes), `--workers` workers (FFCV threads, DataLoader
-processes). Steady state = images/s over every epoch but the first; "with start-up" = images/s over the
-whole run, construction and compilation included; images per CPU-second of the whole process tree (this
-process, its threads, and every descendant process such as DataLoader workers) in the steady epochs is the
-figure that other load on the machine does not skew.
+processes). The loaders take turns, one epoch each, so that the machine's changes of speed fall on all of
+them alike. Steady state = images/s over every epoch but the first; "with start-up" = images/s over the
+loader's construction (compilation included) and all its epochs; images per CPU-second of the whole process
+tree (this process, its threads, and every descendant process such as DataLoader workers) in the steady
+epochs is the figure that other load on the machine does not skew.
 """
 
 from __future__ import annotations
@@ -163,6 +164,18 @@ class PillowJpegs(torch.utils.data.Dataset):
         return torch.from_numpy(pixels.transpose(2, 0, 1).copy()), sample.label
 
 
+def pillow_loader(samples: list[Sample], args) -> torch.utils.data.DataLoader:
+    """The baseline DataLoader, its worker processes already started: they must fork before any FFCV thread
+    exists (forking a process with FFCV's threads running is unsafe), and persist, idle, through the other
+    loaders' turns."""
+    loader = torch.utils.data.DataLoader(
+        PillowJpegs(samples, args.resolution), batch_size=args.batch_size, shuffle=True, drop_last=True,
+        num_workers=args.workers, persistent_workers=True, worker_init_fn=_seed_worker,
+    )
+    iter(loader)
+    return loader
+
+
 def _seed_worker(worker_id: int) -> None:
     random.seed(torch.initial_seed() % 2**32)
 
@@ -194,32 +207,45 @@ def cpu_seconds() -> float:
     return total
 
 
-def time_epochs(make_loader, epochs: int) -> dict:
-    """Wall-clock images/s (steady and with start-up) and, robust to other load on the machine, images per
-    CPU-second in the steady epochs."""
-    start = time.perf_counter()
-    loader = make_loader()
-    epoch_times, epoch_cpu, images = [], [], 0
+def time_interleaved(makers: dict, epochs: int) -> dict[str, dict]:
+    """Build every loader of `makers` (name -> constructor) in order, then run their epochs in turns (epoch 0
+    of each, epoch 1 of each, ...), so that the machine's slow and fast phases fall on all of them alike.
+    Per loader: wall-clock images/s (steady, and with start-up: its construction plus all its epochs) and,
+    robust to other load on the machine, images per CPU-second in the steady epochs (all but the first). The
+    CPU time is the whole process tree's in that loader's epochs; the others' idle threads and workers add
+    nothing measurable."""
+    loaders, built_s = {}, {}
+    for name, make in makers.items():
+        start = time.perf_counter()
+        loaders[name] = make()
+        built_s[name] = time.perf_counter() - start
+    seconds = {name: [] for name in loaders}
+    cpu = {name: [] for name in loaders}
+    images = {}
     for epoch in range(epochs):
-        epoch_start, cpu_start = time.perf_counter(), cpu_seconds()
-        count = 0
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        for batch, _ in loader:
-            count += batch.shape[0]
-        epoch_times.append(time.perf_counter() - epoch_start)
-        epoch_cpu.append(cpu_seconds() - cpu_start)
-        images = count
-    total = time.perf_counter() - start
-    return {
-        "images_per_epoch": images,
-        "first_epoch_s": round(epoch_times[0], 2),
-        "steady_images_per_s": round(images * (epochs - 1) / sum(epoch_times[1:]), 1),
-        "with_startup_images_per_s": round(images * epochs / total, 1),
-        "steady_images_per_cpu_s": round(images * (epochs - 1) / sum(epoch_cpu[1:]), 1),
-        "steady_cpu_s_per_1000_images": round(1000 * sum(epoch_cpu[1:]) / (images * (epochs - 1)), 3),
-        "total_s": round(total, 2),
-    }
+        for name, loader in loaders.items():
+            epoch_start, cpu_start = time.perf_counter(), cpu_seconds()
+            count = 0
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            for batch, _ in loader:
+                count += batch.shape[0]
+            seconds[name].append(time.perf_counter() - epoch_start)
+            cpu[name].append(cpu_seconds() - cpu_start)
+            images[name] = count
+    results = {}
+    for name in loaders:
+        n, steady, steady_cpu = images[name], sum(seconds[name][1:]), sum(cpu[name][1:])
+        results[name] = {
+            "images_per_epoch": n,
+            "build_s": round(built_s[name], 2),
+            "first_epoch_s": round(seconds[name][0], 2),
+            "steady_images_per_s": round(n * (epochs - 1) / steady, 1),
+            "with_startup_images_per_s": round(n * epochs / (built_s[name] + sum(seconds[name])), 1),
+            "steady_images_per_cpu_s": round(n * (epochs - 1) / steady_cpu, 1),
+            "steady_cpu_s_per_1000_images": round(1000 * steady_cpu / (n * (epochs - 1)), 3),
+        }
+    return results
 
 
 def _ffcv_training_loader(cfg: DataConfig, after_flip: list, labels: list):
@@ -306,22 +332,18 @@ def main() -> None:
 
         cfg = DataConfig(path=str(tmp / "data"), train_resolution=args.resolution, batch_size=args.batch_size,
                          num_workers=args.workers, seed=0)
-        pillow = time_epochs(
-            lambda: torch.utils.data.DataLoader(
-                PillowJpegs(samples, args.resolution), batch_size=args.batch_size, shuffle=True, drop_last=True,
-                num_workers=args.workers, persistent_workers=True, worker_init_fn=_seed_worker,
-            ),
-            args.epochs,
-        )
-        # After the baseline: forking DataLoader workers once FFCV's threads exist is unsafe.
-        ffcv = time_epochs(
-            lambda: build_train_loader(cfg, rank=0, world_size=1, device=torch.device("cpu"), distributed=False),
-            args.epochs,
-        )
-        former = time_epochs(lambda: former_training_loader(cfg), args.epochs) if args.former_loader else None
-        previous = None
+        makers = {
+            "pytorch_pillow": lambda: pillow_loader(samples, args),
+            "ffcv": lambda: build_train_loader(cfg, rank=0, world_size=1, device=torch.device("cpu"),
+                                               distributed=False),
+        }
+        if args.former_loader:
+            makers["former_ffcv"] = lambda: former_training_loader(cfg)
         if args.previous_ffcv:
-            previous = time_epochs(lambda: ffcv_normalising_in_its_pipeline(cfg), args.epochs)
+            makers["ffcv_normalising_in_its_pipeline"] = lambda: ffcv_normalising_in_its_pipeline(cfg)
+        timed = time_interleaved(makers, args.epochs)
+    ffcv, pillow = timed["ffcv"], timed["pytorch_pillow"]
+    former, previous = timed.get("former_ffcv"), timed.get("ffcv_normalising_in_its_pipeline")
     result = {
         "settings": vars(args) | {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                   "load_average_before": load_before, "load_average_after": os.getloadavg()},

@@ -26,7 +26,7 @@ from ffcv.transforms import RandomHorizontalFlip
 from loader import imagenet_like_image, imagenet_like_size
 from orchestrator.data.config import DataConfig
 from orchestrator.data.flip import RandomHorizontalFlipInPlace
-from orchestrator.data.jpeg_region import decode_jpeg_region
+from orchestrator.data.jpeg_region import decode_jpeg_rows
 from orchestrator.data.loaders import NormalizeImages
 
 IMAGES, ROUNDS, BATCH = 200, 3, 64
@@ -49,10 +49,9 @@ def decode_ms(images, crop, crop_only: bool) -> float:
     start = time.process_time()
     for data, height, width in images:
         top, left, h, w = crop(height, width)
-        if crop_only:
-            window = scratch[: h * w * 3].reshape(h, w, 3)
-            decode_jpeg_region(data, window, top, left)
-            resize_crop(window, 0, h, 0, w, out)
+        if crop_only:  # as the loader does: the resize reads the window inside the decoded rows
+            _, first, span = decode_jpeg_rows(data, scratch, top, left, h, w)
+            resize_crop(scratch[: h * span * 3].reshape(h, span, 3), 0, h, first, first + w, out)
         else:
             imdecode(data, scratch, height, width, height, width, 0, 0, 1, 1, False, False)
             resize_crop(scratch[: height * width * 3].reshape(height, width, 3), top, top + h, left, left + w, out)

@@ -11,7 +11,6 @@
  */
 #include <setjmp.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 #include <jpeglib.h>
 
@@ -24,23 +23,29 @@ static void escape_on_error(j_common_ptr info) { longjmp(((struct region_error *
 
 static void stay_quiet(j_common_ptr info, int level) { (void)info; (void)level; }
 
-/* Writes rows [top, top + height) x columns [left, left + width) of the JPEG in `source` to `destination`
- * (height x width x 3, packed). Returns 0, or -1 when the data is not a decodable JPEG or the window
- * leaves the image; `destination` is then zero-filled, so no stale pixels reach a batch. */
-int decode_jpeg_region(const unsigned char *source, unsigned long source_size, unsigned char *destination,
-                       unsigned int top, unsigned int left, unsigned int height, unsigned int width)
+/* Decodes rows [top, top + height) of the JPEG in `source` straight into `rows` (at most `capacity` bytes),
+ * each row `placement[1]` pixels wide, RGB packed; the requested columns [left, left + width) start at
+ * column `placement[0]` of every row. The rows are wider than asked (libjpeg starts them at an iMCU edge, and
+ * one more column each side keeps the chroma upsampling that of a whole decode), and are not copied again:
+ * the resize reads the window where it lies. Returns 0, or -1 when the data is not a decodable JPEG, the
+ * window leaves the image or does not fit; the first height x width x 3 bytes of `rows` are then zero-filled
+ * and `placement` is {0, width}, so no stale pixels reach a batch. */
+int decode_jpeg_region(const unsigned char *source, unsigned long source_size, unsigned char *rows,
+                       unsigned long capacity, unsigned int top, unsigned int left, unsigned int height,
+                       unsigned int width, unsigned int *placement)
 {
     struct jpeg_decompress_struct info;
     struct region_error error;
-    unsigned char *volatile row = NULL;
 
     info.err = jpeg_std_error(&error.manager);
     error.manager.error_exit = escape_on_error;
     error.manager.emit_message = stay_quiet;  /* warnings (a truncated file) would go to stderr */
     if (setjmp(error.escape)) {
-        free(row);
         jpeg_destroy_decompress(&info);
-        memset(destination, 0, (size_t)height * width * 3);
+        placement[0] = 0;
+        placement[1] = width;
+        if ((unsigned long)height * width * 3 <= capacity)
+            memset(rows, 0, (size_t)height * width * 3);
         return -1;
     }
     jpeg_create_decompress(&info);
@@ -55,20 +60,23 @@ int decode_jpeg_region(const unsigned char *source, unsigned long source_size, u
     JDIMENSION first = left > 0 ? left - 1 : 0;
     JDIMENSION span = left + width + (left + width < info.output_width) - first;
     jpeg_crop_scanline(&info, &first, &span);  /* moves `first` down to an iMCU edge, widens `span` */
-    size_t shift = (size_t)(left - first) * 3;
-
-    row = malloc((size_t)span * 3);
-    if (row == NULL)
+    if ((unsigned long)height * span * 3 > capacity)
         longjmp(error.escape, 1);
+
     if (top > 0 && jpeg_skip_scanlines(&info, top) != top)
         longjmp(error.escape, 1);
-    for (unsigned int r = 0; r < height; r++) {
-        JSAMPROW rows[1] = {row};
-        if (jpeg_read_scanlines(&info, rows, 1) != 1)
+    JSAMPROW targets[16];
+    for (unsigned int done = 0; done < height;) {
+        unsigned int ask = height - done < 16 ? height - done : 16;
+        for (unsigned int r = 0; r < ask; r++)
+            targets[r] = rows + (size_t)(done + r) * span * 3;
+        JDIMENSION got = jpeg_read_scanlines(&info, targets, ask);
+        if (got == 0)
             longjmp(error.escape, 1);
-        memcpy(destination + (size_t)r * width * 3, row + shift, (size_t)width * 3);
+        done += got;
     }
-    free(row);
+    placement[0] = left - first;
+    placement[1] = span;
     jpeg_abort_decompress(&info);  /* the rows below the window are never decoded */
     jpeg_destroy_decompress(&info);
     return 0;

@@ -78,21 +78,37 @@ def _bind_library() -> None:
     global _decode_region_c
     if _decode_region_c is None:
         function = ctypes.CDLL(str(build_library())).decode_jpeg_region
-        function.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p] + 4 * [ctypes.c_uint32]
+        function.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64,
+                             *4 * [ctypes.c_uint32], ctypes.c_void_p]
         function.restype = ctypes.c_int
         _decode_region_c = function
 
 
-def _decode_region(source, destination, top, left):
-    return _decode_region_c(source.ctypes.data, source.size, destination.ctypes.data,
-                            top, left, destination.shape[0], destination.shape[1])
+def _decode_rows(source, rows, top, left, height, width, placement):
+    return _decode_region_c(source.ctypes.data, source.size, rows.ctypes.data, rows.size,
+                            top, left, height, width, placement.ctypes.data)
+
+
+def decode_jpeg_rows(source: np.ndarray, rows: np.ndarray, top: int, left: int, height: int, width: int,
+                     ) -> tuple[int, int, int]:
+    """Decode rows [top, top + height) of the JPEG bytes in `source` into the flat uint8 buffer `rows`, each
+    row `span` pixels wide, with the window's columns [left, left + width) starting at column `first` of each
+    row; returns (status, first, span): status 0 on success, -1 (and a zero-filled height x width window)
+    when the bytes are not a decodable JPEG or the window leaves the image or does not fit in `rows`."""
+    _bind_library()
+    placement = np.zeros(2, np.uint32)
+    status = _decode_rows(source, rows, top, left, height, width, placement)
+    return status, int(placement[0]), int(placement[1])
 
 
 def decode_jpeg_region(source: np.ndarray, destination: np.ndarray, top: int, left: int) -> int:
     """Decode the window of `destination`'s shape (height, width, 3) at (top, left) of the JPEG bytes in
     `source`; 0 on success, -1 (and a zero-filled window) when the bytes are not a decodable JPEG."""
-    _bind_library()
-    return _decode_region(source, destination, top, left)
+    height, width = destination.shape[:2]
+    rows = np.empty(height * (width + 64) * 3, np.uint8)  # the rows' widening is at most 2 iMCUs (<= 64 px)
+    status, first, span = decode_jpeg_rows(source, rows, top, left, height, width)
+    destination[:] = rows[: height * span * 3].reshape(height, span, 3)[:, first:first + width]
+    return status
 
 
 class RegionDecoding:
@@ -104,7 +120,7 @@ class RegionDecoding:
         read = self.memory_read
         each = Compiler.get_iterator()
         _bind_library()
-        decode_region = Compiler.compile(_decode_region)
+        decode_rows = Compiler.compile(_decode_rows)
         resize = Compiler.compile(resize_crop)
         draw_crop = Compiler.compile(self.get_crop_generator)
         # FFCV's crop generators take arrays for ranges and plain numbers otherwise (the centre crop's ratio).
@@ -118,9 +134,11 @@ class RegionDecoding:
                 height, width = np.uint32(field["height"]), np.uint32(field["width"])
                 top, left, crop_height, crop_width = draw_crop(height, width, scale, ratio)
                 if field["mode"] == jpg:
-                    window = scratch[slot][: crop_height * crop_width * 3].reshape(crop_height, crop_width, 3)
-                    decode_region(data, window, top, left)
-                    resize(window, 0, crop_height, 0, crop_width, destination[slot])
+                    placement = np.empty(2, np.uint32)  # (first column of the window, row width)
+                    decode_rows(data, scratch[slot], top, left, crop_height, crop_width, placement)
+                    first, span = placement[0], placement[1]
+                    rows = scratch[slot][: crop_height * span * 3].reshape(crop_height, span, 3)
+                    resize(rows, 0, crop_height, first, first + crop_width, destination[slot])
                 else:
                     image = data.reshape(height, width, 3)
                     resize(image, top, top + crop_height, left, left + crop_width, destination[slot])

@@ -76,16 +76,36 @@ def _image_tail(device: torch.device) -> list:
 
 
 @numba.njit(parallel=True, cache=True)
-def _normalise_nhwc(source, destination, scale, shift):
-    """destination[n, y, x, c] = source[n, y, x, c] * scale[c] + shift[c]: uint8 in, float32 out, both indexed
-    NHWC whatever their memory order, one image per parallel step. Innermost over x, so that a contiguous
-    NCHW destination is written in runs (the uint8 reads, 4x smaller, take the stride)."""
-    for n in numba.prange(source.shape[0]):
-        for y in range(source.shape[1]):
-            for c in range(source.shape[3]):
-                a, b = scale[c], shift[c]
-                for x in range(source.shape[2]):
-                    destination[n, y, x, c] = np.float32(source[n, y, x, c]) * a + b
+def _normalise_to_planes(source, destination, scale, shift):
+    """destination[n, c, i] = source[n, i, c] * scale[c] + shift[c] for pixel i: uint8 NHWC in, float32 NCHW
+    out, both C-contiguous. One image per parallel step; the three channels of a pixel are unrolled so that
+    the compiler vectorises the loop (a loop over channels inside, or strided views, keep it scalar: 2.6x
+    slower)."""
+    images, height, width, channels = source.shape
+    a0, a1, a2 = scale[0], scale[1], scale[2]
+    b0, b1, b2 = shift[0], shift[1], shift[2]
+    for n in numba.prange(images):
+        pixels = source[n].reshape(height * width * channels)
+        planes = destination[n].reshape(channels, height * width)
+        for i in range(height * width):
+            planes[0, i] = np.float32(pixels[3 * i]) * a0 + b0
+            planes[1, i] = np.float32(pixels[3 * i + 1]) * a1 + b1
+            planes[2, i] = np.float32(pixels[3 * i + 2]) * a2 + b2
+
+
+@numba.njit(parallel=True, cache=True)
+def _normalise_to_pixels(source, destination, scale, shift):
+    """As `_normalise_to_planes`, into a C-contiguous NHWC destination (channels-last)."""
+    images, height, width, channels = source.shape
+    a0, a1, a2 = scale[0], scale[1], scale[2]
+    b0, b1, b2 = shift[0], shift[1], shift[2]
+    for n in numba.prange(images):
+        pixels = source[n].reshape(height * width * channels)
+        values = destination[n].reshape(height * width * channels)
+        for i in range(height * width):
+            values[3 * i] = np.float32(pixels[3 * i]) * a0 + b0
+            values[3 * i + 1] = np.float32(pixels[3 * i + 1]) * a1 + b1
+            values[3 * i + 2] = np.float32(pixels[3 * i + 2]) * a2 + b2
 
 
 class NormalizeImages:
@@ -93,11 +113,11 @@ class NormalizeImages:
     (x - 255 mean) / (255 std), channels-last or contiguous NCHW as `cfg.channels_last` asks, on the batch's
     own device: the GPU on CUDA, the training process on CPU.
 
-    On CPU it is one pass of a numba loop (`_normalise_nhwc`: read a pixel, convert, multiply-add, store
-    where the output's layout wants it), with at most torch's thread count; the output lives in a ring of
-    `buffers` reused batches, like FFCV's own (a fresh ~40 MB tensor per batch costs more in page faults
-    than the arithmetic): a batch stays valid for `buffers - 1` more iterations; `.clone()` anything kept
-    past the next one. On CUDA it is two tensor passes, a converting copy (which also transposes when
+    On CPU it is one pass of a numba loop (`_normalise_to_planes`, `_normalise_to_pixels`: read a pixel,
+    convert, multiply-add, store where the output's layout wants it), with at most torch's thread count; the
+    output lives in a ring of `buffers` reused batches, like FFCV's own (a fresh ~40 MB tensor per batch
+    costs more in page faults than the arithmetic): a batch stays valid for `buffers - 1` more iterations;
+    `.clone()` anything kept past the next one. On CUDA it is two tensor passes, a converting copy (which also transposes when
     contiguous NCHW is asked for) and one in-place x * (1 / (255 std)) + (-mean / std) with the per-channel
     constants laid out along the output's innermost memory dimension; each batch is a fresh tensor there (the
     caching allocator makes that free).
@@ -144,8 +164,11 @@ class NormalizeImages:
         out = self._output(images)
         if images.device.type == "cpu" and self.numba_on_cpu:
             numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-            _normalise_nhwc(images.permute(0, 2, 3, 1).numpy(), out.permute(0, 2, 3, 1).numpy(),
-                            self.scale.numpy(), self.shift.numpy())
+            pixels = np.ascontiguousarray(images.permute(0, 2, 3, 1).numpy())  # FFCV's NHWC buffer: no copy
+            if self.channels_last:
+                _normalise_to_pixels(pixels, out.permute(0, 2, 3, 1).numpy(), self.scale.numpy(), self.shift.numpy())
+            else:
+                _normalise_to_planes(pixels, out.numpy(), self.scale.numpy(), self.shift.numpy())
             return out
         out.copy_(images)
         n, c, h, w = out.shape

@@ -21,7 +21,7 @@ from orchestrator.data.beton import IMAGE_FIELD, LABEL_FIELD, write_beton
 from orchestrator.data.config import DataConfig, WriterConfig
 from orchestrator.data.errors import DataError
 from orchestrator.data.jpeg_region import (CACHE_DIR_VARIABLE, RegionDecodingCenterCrop, RegionDecodingRandomResizedCrop,
-                                           build_library, decode_jpeg_region)
+                                           build_library, decode_jpeg_region, decode_jpeg_rows)
 from orchestrator.data.loaders import build_val_loader
 
 from .helpers import smooth_image
@@ -90,6 +90,28 @@ def test_bytes_that_are_no_jpeg_and_windows_off_the_image_are_refused():
     assert decode_jpeg_region(data, window, 0, 45) == -1  # columns 45..54 of a 50-column image
     assert not window.any()
 
+
+
+def test_rows_are_decoded_in_place_and_never_past_the_buffer():
+    """The loader's form: whole rows, from an iMCU edge, each `span` wide, with the window at column `first`
+    (no second copy). A buffer too small for the rows gets -1 and a zeroed window, and nothing written past it."""
+    rng = np.random.default_rng(3)
+    height, width = 70, 90
+    data = jpeg(textured(rng, height, width))
+    whole = whole_decode(data, height, width)
+    top, left, h, w = 11, 37, 30, 20
+    rows = np.full(h * width * 3 + 64, 9, np.uint8)
+    status, first, span = decode_jpeg_rows(data, rows, top, left, h, w)
+    assert status == 0 and w + 2 <= span <= width and first <= left and first + w < span
+    window = rows[: h * span * 3].reshape(h, span, 3)[:, first:first + w]
+    assert np.array_equal(window, whole[top:top + h, left:left + w])
+    assert (rows[h * span * 3:] == 9).all()  # the rest of the buffer is untouched
+
+    small = np.full(h * (w + 2) * 3 + 16, 9, np.uint8)  # room for the window, not for iMCU-aligned rows
+    guard = np.full(64, 9, np.uint8)
+    buffer = np.concatenate([small, guard])
+    assert decode_jpeg_rows(data, buffer[: small.size], top, left, h, w) == (-1, 0, w)
+    assert not buffer[: h * w * 3].any() and (buffer[small.size:] == 9).all()
 
 SHAPES = [(61, 90), (97, 64), (50, 50), (83, 121), (120, 47)]
 
