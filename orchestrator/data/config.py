@@ -70,6 +70,7 @@ class DataConfig(BaseModel):
     holdout_fraction: float = Field(default=0.0, ge=0, le=0.5)
     batch_size: int = Field(default=256, gt=0)
     num_workers: int = Field(default=8, gt=0)
+    # The training order (FFCV's permutation of epoch e uses seed + e) and every crop and flip.
     seed: int = 0
     progressive: ProgressiveResolution | None = None
     in_memory: bool = True

@@ -3,7 +3,8 @@ and the validation loader's centre crop.
 
 FFCV's `ResizedCropRGBImageDecoder`s decode a whole JPEG and then crop it; these draw the crop first (the
 same draw, from the same random stream) and have libjpeg decode just that window (`jpeg_region.c`), so the
-batches are the same pixels for less CPU time. Raw images take FFCV's path.
+batches are the same pixels for less CPU time. Raw images take FFCV's path. With `crop_only=False` they
+decode whole JPEGs as FFCV does; with a `seed`, the training crop is drawn reproducibly (`seeded_draws`).
 
 The C helper is built on first use with the machine's C compiler against the system libjpeg (libjpeg-turbo
 >= 1.5), into a cache folder shared by every process of the machine, keyed by the source's hash. Several
@@ -21,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 from ffcv.fields.rgb_image import IMAGE_MODES, CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
-from ffcv.libffcv import resize_crop
+from ffcv.libffcv import imdecode, resize_crop
 from ffcv.pipeline.compiler import Compiler
 
 from .errors import DataError
+from .seeded_draws import CROP_DRAWS, batch_key, seed_image_draws
 
 SOURCE = Path(__file__).with_name("jpeg_region.c")
 CACHE_DIR_VARIABLE = "BITMIXER_NATIVE_CACHE"
@@ -111,16 +113,31 @@ def decode_jpeg_region(source: np.ndarray, destination: np.ndarray, top: int, le
     return status
 
 
+def _no_region_decoder(source, rows, top, left, height, width, placement):
+    """What a decoder built with `crop_only=False` compiles in place of the C helper (which it neither
+    builds nor calls), so that its code types without it."""
+    return -1
+
+
 class RegionDecoding:
     """Mixed into one of FFCV's resized-crop decoders: its crop (`get_crop_generator`) and its resize, with
-    only the crop of a JPEG decoded."""
+    the crop drawn before anything is decoded, so that only the crop's rows of a JPEG are (`crop_only`, the
+    default; False decodes whole images, as FFCV does). With a `seed`, each image's draws are seeded on their
+    own (`seeded_draws`): the same seed gives the same crops on any number of threads."""
+
+    def __init__(self, *args, seed: int | None = None, crop_only: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seed, self.crop_only = seed, crop_only
 
     def generate_code(self):
         jpg = IMAGE_MODES["jpg"]
         read = self.memory_read
         each = Compiler.get_iterator()
-        _bind_library()
-        decode_rows = Compiler.compile(_decode_rows)
+        crop_only, seeded, seed = self.crop_only, self.seed is not None, self.seed or 0
+        if crop_only:
+            _bind_library()
+        decode_rows = Compiler.compile(_decode_rows if crop_only else _no_region_decoder)
+        decode_whole = Compiler.compile(imdecode)
         resize = Compiler.compile(resize_crop)
         draw_crop = Compiler.compile(self.get_crop_generator)
         # FFCV's crop generators take arrays for ranges and plain numbers otherwise (the centre crop's ratio).
@@ -128,19 +145,27 @@ class RegionDecoding:
 
         def decode(batch_indices, storage, metadata, storage_state):
             destination, scratch = storage
+            key = batch_key(seed, batch_indices) if seeded else np.uint64(0)
             for slot in each(len(batch_indices)):
-                field = metadata[batch_indices[slot]]
+                sample = batch_indices[slot]
+                field = metadata[sample]
                 data = read(field["data_ptr"], storage_state)
                 height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                if seeded:
+                    seed_image_draws(key, sample, CROP_DRAWS)
                 top, left, crop_height, crop_width = draw_crop(height, width, scale, ratio)
-                if field["mode"] == jpg:
+                if field["mode"] == jpg and crop_only:
                     placement = np.empty(2, np.uint32)  # (first column of the window, row width)
                     decode_rows(data, scratch[slot], top, left, crop_height, crop_width, placement)
                     first, span = placement[0], placement[1]
                     rows = scratch[slot][: crop_height * span * 3].reshape(crop_height, span, 3)
                     resize(rows, 0, crop_height, first, first + crop_width, destination[slot])
                 else:
-                    image = data.reshape(height, width, 3)
+                    if field["mode"] == jpg:
+                        decode_whole(data, scratch[slot], height, width, height, width, 0, 0, 1, 1, False, False)
+                        image = scratch[slot][: height * width * 3].reshape(height, width, 3)
+                    else:
+                        image = data.reshape(height, width, 3)
                     resize(image, top, top + crop_height, left, left + crop_width, destination[slot])
             return destination[: len(batch_indices)]
 
@@ -149,7 +174,8 @@ class RegionDecoding:
 
 
 class RegionDecodingRandomResizedCrop(RegionDecoding, RandomResizedCropRGBImageDecoder):
-    """FFCV's random-resized crop (same crop draw, same resize), decoding only the crop of a JPEG."""
+    """FFCV's random-resized crop (same crop draw, same resize), decoding only the crop of a JPEG, each
+    image's draw seeded on its own when given a `seed`."""
 
 
 class RegionDecodingCenterCrop(RegionDecoding, CenterCropRGBImageDecoder):

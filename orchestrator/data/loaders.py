@@ -10,7 +10,8 @@ about 12 s on 2 cores):
         for images, labels in val: ...       # this rank's shard of the validation set
 
 Training (`TrainLoader`): random-resized crop to `cfg.resolution_for(epoch)`, horizontal flip,
-normalisation; `batch_size // world_size` images per worker, incomplete last batch dropped. With
+normalisation, each image's crop and flip drawn from a seed of its own (`seeded_draws`: `cfg.seed`, the batch,
+the sample), so the same seed gives the same batches on any number of threads; `batch_size // world_size` images per worker, incomplete last batch dropped. With
 `distributed=True` (inside Ray Train, whose process group already exists: nothing here spawns or initialises
 anything) FFCV shards each epoch's seeded permutation like PyTorch's DistributedSampler, which pads the
 permutation to a multiple of `world_size` by repeating its first few indices.
@@ -268,8 +269,8 @@ def build_train_loader(
     del rank  # FFCV's distributed sampler reads the rank from the process group
     batch = _per_worker_batch(cfg, world_size)
     res = cfg.resolution_for(0)
-    decoder_class = RegionDecodingRandomResizedCrop if cfg.decode_crop_only else RandomResizedCropRGBImageDecoder
-    decoder = decoder_class((res, res), scale=tuple(cfg.train_crop_scale))
+    decoder = RegionDecodingRandomResizedCrop((res, res), scale=tuple(cfg.train_crop_scale), seed=cfg.seed,
+                                              crop_only=cfg.decode_crop_only)
     path = str(Path(cfg.path) / "train.beton")
     kept = holdout_split(Reader(path).num_samples, cfg.holdout_fraction)[0] if cfg.holdout_fraction else None
     loader = Loader(
@@ -285,7 +286,7 @@ def build_train_loader(
         seed=cfg.seed,
         drop_last=True,
         pipelines={
-            IMAGE_FIELD: [decoder, RandomHorizontalFlipInPlace(), *_image_tail(device)],
+            IMAGE_FIELD: [decoder, RandomHorizontalFlipInPlace(seed=cfg.seed), *_image_tail(device)],
             LABEL_FIELD: _label_pipeline(device),
         },
     )
