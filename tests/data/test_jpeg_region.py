@@ -7,6 +7,10 @@ decode, so every byte must match FFCV's own decoder; no tolerance is needed or a
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -204,3 +208,26 @@ def test_training_loader_follows_the_switch(mixed_data, decode_crop_only):
     assert type(decoder) is RegionDecodingRandomResizedCrop and decoder.crop_only is decode_crop_only
     images, labels = next(iter(train))
     assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32 and images.std() > 0.1
+
+
+def test_with_the_switch_off_a_machine_without_a_compiler_still_trains(mixed_data, tmp_path):
+    """What the build error tells the user to do must work: with `decode_crop_only: false`, the training and
+    validation loaders neither build nor load the C helper, so a fresh process with no compiler on its PATH
+    and an empty helper cache reads batches."""
+    code = f"""
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+from orchestrator.data.config import DataConfig
+from orchestrator.data.loaders import build_loaders
+cfg = DataConfig(path={str(mixed_data)!r}, train_resolution=16, val_resolution=16, batch_size=8, num_workers=1,
+                 decode_crop_only=False)
+train, val = build_loaders(cfg, rank=0, world_size=1, device=torch.device("cpu"), distributed=False)
+train.set_epoch(0)
+print(next(iter(train))[0].shape[0], next(iter(val))[0].shape[0])
+"""
+    env = {**os.environ, "PATH": str(tmp_path / "empty"), CACHE_DIR_VARIABLE: str(tmp_path / "native")}
+    env.pop("CC", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-2:] == ["8", "8"]
+    assert not (tmp_path / "native").exists()  # nothing was built
