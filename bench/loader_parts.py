@@ -77,6 +77,7 @@ def main() -> None:
     copying_flip = numba.njit(RandomHorizontalFlip(0.5).generate_code())
     in_place_flip = numba.njit(RandomHorizontalFlipInPlace(0.5).generate_code())
     flipped_into = np.empty_like(batch)
+    sample_indices = np.arange(BATCH, dtype=np.uint64)  # the in-place flip takes them (FFCV's with_indices)
     uint8_nchw = torch.from_numpy(batch).permute(0, 3, 1, 2)
     cfg = DataConfig(path="unused")
     two_passes, one_pass = NormalizeImages(cfg, numba_on_cpu=False), NormalizeImages(cfg)
@@ -89,7 +90,7 @@ def main() -> None:
             "centre crop, whole decode": decode_ms(images, centre_crop, False),
             "centre crop, crop-only decode": decode_ms(images, centre_crop, True),
             "flip, FFCV's copy": per_image_ms(lambda: copying_flip(batch, flipped_into)),
-            "flip, in place": per_image_ms(lambda: in_place_flip(batch, None)),
+            "flip, in place": per_image_ms(lambda: in_place_flip(batch, None, sample_indices)),
             "normalise, two tensor passes": per_image_ms(lambda: two_passes(uint8_nchw)),
             "normalise, one numba pass": per_image_ms(lambda: one_pass(uint8_nchw)),
         }
