@@ -56,6 +56,7 @@ from ffcv.transforms import ToDevice, ToTensor, ToTorchImage  # noqa: E402
 
 from .beton import IMAGE_FIELD, LABEL_FIELD  # noqa: E402
 from .config import DataConfig  # noqa: E402
+from .epoch import epoch_batches  # noqa: E402
 from .errors import DataError  # noqa: E402
 from .flip import RandomHorizontalFlipInPlace  # noqa: E402
 from .jpeg_region import RegionDecodingCenterCrop, RegionDecodingRandomResizedCrop  # noqa: E402
@@ -221,7 +222,7 @@ class TrainLoader:
         # FFCV re-allocates its buffers from the decoder's output size at the start of every epoch.
         res = self.resolution_for(self.loader.next_epoch)
         self._decoder.output_size = (res, res)
-        for images, labels in self.loader:
+        for images, labels in epoch_batches(self.loader):
             yield self._finish(images), labels.view(-1).long()
 
 
@@ -237,7 +238,7 @@ class ValLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self.loader:
+        for images, labels in epoch_batches(self.loader):
             yield self._finish(images), labels.view(-1).long()
 
 
