@@ -44,11 +44,11 @@ def _steps(data: str, compile_cache: bool) -> list[tuple[str, float, float]]:
     use_environment_build_tools()
     import deepspeed  # noqa: F401
     mark("import deepspeed")
-    import ffcv  # noqa: F401
-    mark("import ffcv (numba typed dict at import)")
-    if compile_cache:
+    if compile_cache:  # before FFCV is imported, as `orchestrator.data.loaders` does in a worker
         from orchestrator.data.compile_cache import enable_compile_cache
         enable_compile_cache()
+    import ffcv  # noqa: F401
+    mark("import ffcv (numba's typed dict: compiled at import, or loaded from the cache)")
     from orchestrator.data.loaders import build_loaders
     from orchestrator.engine.config import StageConfig
     from orchestrator.engine.worker import StageWorker
