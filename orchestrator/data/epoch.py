@@ -52,8 +52,8 @@ def epoch_batches(loader: Loader) -> Iterator[tuple]:
         yield from epoch
         if epoch.failure is not None:
             raise DataError(f"reading a batch failed ({type(epoch.failure).__name__}: {epoch.failure}), so the "
-                            "epoch cannot go on; the traceback above shows where, and a data folder that no "
-                            "longer reads is written again with pipelines/prepare_data.py.") from epoch.failure
+                            "epoch cannot go on; a data folder that no longer reads is written again with "
+                            "pipelines/prepare_data.py.") from epoch.failure
     finally:
         stop_decoding(epoch)
 

@@ -30,6 +30,9 @@ from .seeded_draws import CROP_DRAWS, batch_key, seed_image_draws
 
 SOURCE = Path(__file__).with_name("jpeg_region.c")
 CACHE_DIR_VARIABLE = "BITMIXER_NATIVE_CACHE"
+# What a batch raises for a JPEG that libjpeg refuses (the writer encoded every one itself, so the file was
+# damaged since); `epoch_batches` turns it into a DataError.
+UNDECODABLE = "a JPEG image in the .beton does not decode: the file was damaged after it was written"
 
 
 def _cache_dir() -> Path:
@@ -156,13 +159,16 @@ class RegionDecoding:
                 top, left, crop_height, crop_width = draw_crop(height, width, scale, ratio)
                 if field["mode"] == jpg and crop_only:
                     placement = np.empty(2, np.uint32)  # (first column of the window, row width)
-                    decode_rows(data, scratch[slot], top, left, crop_height, crop_width, placement)
+                    if decode_rows(data, scratch[slot], top, left, crop_height, crop_width, placement) != 0:
+                        raise ValueError(UNDECODABLE)
                     first, span = placement[0], placement[1]
                     rows = scratch[slot][: crop_height * span * 3].reshape(crop_height, span, 3)
                     resize(rows, 0, crop_height, first, first + crop_width, destination[slot])
                 else:
                     if field["mode"] == jpg:
-                        decode_whole(data, scratch[slot], height, width, height, width, 0, 0, 1, 1, False, False)
+                        if decode_whole(data, scratch[slot], height, width, height, width, 0, 0, 1, 1, False,
+                                        False) != 0:
+                            raise ValueError(UNDECODABLE)
                         image = scratch[slot][: height * width * 3].reshape(height, width, 3)
                     else:
                         image = data.reshape(height, width, 3)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from orchestrator import atomic
+from orchestrator.data.errors import DataError
 from orchestrator.data.folder import check_data_folder
 from orchestrator.engine.build_cache import torch_extensions_dir
 from orchestrator.engine.callbacks import StageCallback
@@ -82,13 +83,16 @@ class StorageUnreachable(ConnectionError):
 
 
 def _raise_clearly(cfg: StageConfig, error: BaseException, storage: str) -> None:
-    """Re-raise a training error; a full disk (seen only as text once Ray has carried it across
-    processes) becomes one sentence that says what to do."""
+    """Re-raise a training error; a worker's DataError, a full disk or an unreachable storage (seen only as
+    text once Ray has carried them across processes) becomes one sentence that says what to do."""
     if "No space left on device" in str(error) or "[Errno 28]" in str(error):
         raise StorageFull(f"stage {cfg.name} stopped: a disk ran out of space (No space left on device) while an "
                           f"epoch's checkpoint was written to {storage} or a worker's temporary folder; free "
                           f"space or set storage_path to a larger volume, then run again: the stage resumes "
                           f"from its last recorded checkpoint, which is intact.") from error
+    unreadable = re.findall(r"DataError: (.+)", str(error))  # a worker's loader: its last line is the sentence
+    if unreadable:
+        raise DataError(f"stage {cfg.name} stopped: {unreadable[-1].strip()}") from error
     remote = re.search(r"AWS Error [A-Z_]+|GCS Error [A-Za-z_]+", str(error))
     if "://" in storage and remote:
         raise StorageUnreachable(f"stage {cfg.name} stopped: its checkpoint storage {storage} did not answer "

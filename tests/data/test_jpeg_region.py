@@ -231,3 +231,28 @@ print(next(iter(train))[0].shape[0], next(iter(val))[0].shape[0])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[-2:] == ["8", "8"]
     assert not (tmp_path / "native").exists()  # nothing was built
+
+
+@pytest.mark.parametrize("decode_crop_only", [True, False])
+def test_a_jpeg_damaged_after_writing_stops_the_epoch_with_a_data_error(mixed_data, tmp_path, decode_crop_only):
+    """libjpeg refusing an image used to leave a black crop in the batch, and training went on silently; now
+    the batch raises, and the epoch ends with a DataError that says the file was damaged. The header of every
+    JPEG in a copy of the training file is broken, so the first batch holds one whichever images it draws."""
+    import shutil
+
+    from orchestrator.data.loaders import build_train_loader
+
+    data = tmp_path / "data"
+    shutil.copytree(mixed_data, data)
+    beton = bytearray((data / "train.beton").read_bytes())
+    starts = [i for i in range(len(beton) - 2) if beton[i:i + 3] == b"\xff\xd8\xff"]  # each JPEG's SOI marker
+    assert len(starts) >= 20
+    for start in starts:
+        beton[start:start + 2] = b"\x00\x00"  # "Not a JPEG file"
+    (data / "train.beton").write_bytes(bytes(beton))
+    cfg = DataConfig(path=str(data), train_resolution=16, batch_size=8, num_workers=1,
+                     decode_crop_only=decode_crop_only)
+    train = build_train_loader(cfg, rank=0, world_size=1, device=torch.device("cpu"), distributed=False)
+    with pytest.raises(DataError, match=r"ValueError: a JPEG image in the \.beton does not decode: the file was "
+                                        r"damaged after it was written\), so the epoch cannot go on"):
+        next(iter(train))
