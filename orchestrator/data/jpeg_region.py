@@ -126,7 +126,8 @@ class RegionDecoding:
     """Mixed into one of FFCV's resized-crop decoders: its crop (`get_crop_generator`) and its resize, with
     the crop drawn before anything is decoded, so that only the crop's rows of a JPEG are (`crop_only`, the
     default; False decodes whole images, as FFCV does). With a `seed`, each image's draws are seeded on their
-    own (`seeded_draws`): the same seed gives the same crops on any number of threads."""
+    own (`seeded_draws`): the same seed gives the same crops on any number of threads. A JPEG that does not
+    decode raises (`UNDECODABLE`) where FFCV would leave a black image."""
 
     def __init__(self, *args, seed: int | None = None, crop_only: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
