@@ -50,6 +50,7 @@ def epoch_batches(loader: Loader) -> Iterator[tuple]:
     epoch = iter(loader)
     try:
         yield from epoch
+        epoch.join()  # it handed out the end marker and is returning
         if epoch.failure is not None:
             raise DataError(f"reading a batch failed ({type(epoch.failure).__name__}: {epoch.failure}), so the "
                             "epoch cannot go on; a data folder that no longer reads is written again with "
@@ -60,7 +61,8 @@ def epoch_batches(loader: Loader) -> Iterator[tuple]:
 
 def stop_decoding(epoch: EpochIterator) -> None:
     """Ends an epoch's decoding thread: it finishes the batch in hand, finds no batch left, and hands out the
-    end-of-epoch marker, while the batches it queued are taken off so that none of its puts waits."""
+    end-of-epoch marker, while the batches it queued are taken off so that none of its puts waits. At once
+    for a thread that has ended."""
     epoch.iter_ixes = iter(())  # read by the thread before each batch
     while epoch.is_alive():
         try:
