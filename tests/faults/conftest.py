@@ -55,3 +55,17 @@ def wait_for_pause(marker: Path, thread: threading.Thread, box: dict, timeout_s:
         assert thread.is_alive(), box.get("error")
         assert time.monotonic() < deadline, "the stage never finished its first epoch"
         time.sleep(0.2)
+
+
+def digits_stage(name: str, *, data: str, tracking_uri: str, storage_path: str, epochs: int, **settings):
+    """The fault tests' stage: Stage I of resnet_tiny on the digits at 32 px, 2 workers of 0.5 CPU, logged in
+    an experiment of its own name; `settings` (top-level StageConfig keys) change what a test needs."""
+    from orchestrator.engine import StageConfig
+    return StageConfig.model_validate({
+        "name": name, "model": dict(name="resnet_tiny", num_classes=10, stem="small"),
+        "data": dict(path=data, train_resolution=32, val_resolution=32, val_crop_ratio=1.0, batch_size=32,
+                     num_workers=1),
+        "optim": dict(epochs=epochs, warmup_epochs=0.5, lr_peak=5e-3), "policy": dict(stage="one"),
+        "scaling": dict(num_workers=2, cpus_per_worker=0.5),
+        "tracking": dict(tracking_uri=tracking_uri, experiment=name), "storage_path": storage_path,
+        **settings})

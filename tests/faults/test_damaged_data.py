@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import digits_stage
+
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 
@@ -50,14 +52,9 @@ def test_a_damaged_jpeg_stops_the_stage_in_one_sentence_and_its_run_fails(env):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.data import DataError
-    from orchestrator.engine import StageConfig, run_stage
-    cfg = StageConfig.model_validate(dict(
-        name="damaged", model=dict(name="resnet_tiny", num_classes=10, stem="small"),
-        data=dict(path=env["data"], train_resolution=32, val_resolution=32, val_crop_ratio=1.0, batch_size=32,
-                  num_workers=1),
-        optim=dict(epochs=1, warmup_epochs=0), policy=dict(stage="one"), max_failures=0,
-        scaling=dict(num_workers=2, cpus_per_worker=0.5),
-        tracking=dict(tracking_uri=env["mlflow"].uri, experiment="damaged"), storage_path=str(env["tmp"] / "ray")))
+    from orchestrator.engine import run_stage
+    cfg = digits_stage("damaged", data=env["data"], tracking_uri=env["mlflow"].uri,
+                       storage_path=str(env["tmp"] / "ray"), epochs=1, max_failures=0)
     with pytest.raises(DataError) as raised:
         run_stage(cfg)
     message = str(raised.value)

@@ -14,7 +14,7 @@ import pytest
 
 from tests.engine.callbacks import PauseAfterFirstEpoch
 
-from .conftest import run_stage_in_thread, wait_for_pause
+from .conftest import digits_stage, run_stage_in_thread, wait_for_pause
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 EPOCHS = 3
@@ -61,16 +61,11 @@ def _fill(folder: Path) -> Path:
 def test_full_disk_during_a_checkpoint(env):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.engine import StageConfig, run_stage
+    from orchestrator.engine import run_stage
     from orchestrator.engine.stage import StorageFull
-    cfg = StageConfig.model_validate(dict(
-        name="disk-full", model=dict(name="resnet_tiny", num_classes=10, stem="small"),
-        data=dict(path=env["data"], train_resolution=32, val_resolution=32, val_crop_ratio=1.0, batch_size=32,
-                  num_workers=1),
-        optim=dict(epochs=EPOCHS, warmup_epochs=0.5, lr_peak=5e-3), policy=dict(stage="one"),
-        scaling=dict(num_workers=2, cpus_per_worker=0.5), eval_every_epochs=EPOCHS,
-        max_failures=0,  # a retry would meet the same full disk
-        tracking=dict(tracking_uri=env["mlflow"].uri, experiment="disk-full"), storage_path=str(env["store"])))
+    cfg = digits_stage("disk-full", data=env["data"], tracking_uri=env["mlflow"].uri, storage_path=str(env["store"]),
+                       epochs=EPOCHS, eval_every_epochs=EPOCHS,
+                       max_failures=0)  # a retry would meet the same full disk
     marker, go = env["tmp"] / "paused", env["tmp"] / "go"
     thread, box = run_stage_in_thread(cfg, [PauseAfterFirstEpoch(str(marker), str(go))])
     wait_for_pause(marker, thread, box)

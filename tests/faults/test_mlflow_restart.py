@@ -16,7 +16,7 @@ import pytest
 from tests.engine.callbacks import PauseAfterFirstEpoch
 from tests.servers import MLflowServer
 
-from .conftest import run_stage_in_thread, wait_for_pause
+from .conftest import digits_stage, run_stage_in_thread, wait_for_pause
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 EPOCHS = 3
@@ -39,19 +39,12 @@ def env(tmp_path_factory, digits):
 def test_stage_outlives_a_tracking_server_restart(env):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.engine import StageConfig
     store = env["tmp"] / "mlflow"
     server = MLflowServer(store)
     restarted = None
     try:
-        cfg = StageConfig.model_validate(dict(
-            name="mlflow-restart", model=dict(name="resnet_tiny", num_classes=10, stem="small"),
-            data=dict(path=env["data"], train_resolution=32, val_resolution=32, val_crop_ratio=1.0, batch_size=32,
-                      num_workers=1),
-            optim=dict(epochs=EPOCHS, warmup_epochs=0.5, lr_peak=5e-3), policy=dict(stage="one"),
-            scaling=dict(num_workers=2, cpus_per_worker=0.5), eval_every_epochs=1,
-            tracking=dict(tracking_uri=server.uri, experiment="mlflow-restart"),
-            storage_path=str(env["tmp"] / "ray")))
+        cfg = digits_stage("mlflow-restart", data=env["data"], tracking_uri=server.uri,
+                           storage_path=str(env["tmp"] / "ray"), epochs=EPOCHS, eval_every_epochs=1)
         marker, go = env["tmp"] / "paused", env["tmp"] / "go"
         thread, box = run_stage_in_thread(cfg, [PauseAfterFirstEpoch(str(marker), str(go))])
         wait_for_pause(marker, thread, box)

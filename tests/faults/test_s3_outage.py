@@ -17,7 +17,7 @@ import pytest
 from tests.engine.callbacks import PauseAfterFirstEpoch
 from tests.servers import MotoServer
 
-from .conftest import run_stage_in_thread, wait_for_pause
+from .conftest import digits_stage, run_stage_in_thread, wait_for_pause
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 EPOCHS = 2
@@ -68,15 +68,10 @@ def env(tmp_path_factory, digits, mlflow_server):
 def test_s3_outage_fails_clearly_and_the_rerun_resumes(env):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.engine import StageConfig, run_stage
+    from orchestrator.engine import run_stage
     from orchestrator.engine.stage import StorageUnreachable
-    cfg = StageConfig.model_validate(dict(
-        name="s3-outage", model=dict(name="resnet_tiny", num_classes=10, stem="small"),
-        data=dict(path=env["data"], train_resolution=32, val_resolution=32, val_crop_ratio=1.0, batch_size=32,
-                  num_workers=1),
-        optim=dict(epochs=EPOCHS, warmup_epochs=0.5, lr_peak=5e-3), policy=dict(stage="one"),
-        scaling=dict(num_workers=2, cpus_per_worker=0.5), eval_every_epochs=EPOCHS, max_failures=0,
-        tracking=dict(tracking_uri=env["mlflow"].uri, experiment="s3-outage"), storage_path=f"s3://{BUCKET}/ray"))
+    cfg = digits_stage("s3-outage", data=env["data"], tracking_uri=env["mlflow"].uri,
+                       storage_path=f"s3://{BUCKET}/ray", epochs=EPOCHS, eval_every_epochs=EPOCHS, max_failures=0)
     marker, go = env["tmp"] / "paused", env["tmp"] / "go"
     thread, box = run_stage_in_thread(cfg, [PauseAfterFirstEpoch(str(marker), str(go), recorded_in_s3_by_worker)])
     wait_for_pause(marker, thread, box)

@@ -16,7 +16,7 @@ import pytest
 
 from tests.engine.callbacks import PauseAfterFirstEpoch
 
-from .conftest import run_stage_in_thread, wait_for_pause
+from .conftest import digits_stage, run_stage_in_thread, wait_for_pause
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 EPOCHS = 3
@@ -62,15 +62,9 @@ def cluster(tmp_path_factory, digits, mlflow_server):
 def test_stage_spans_two_nodes_and_survives_losing_one(cluster):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.engine import StageConfig
-    cfg = StageConfig.model_validate(dict(
-        name="two-nodes", model=dict(name="resnet_tiny", num_classes=10, stem="small"),
-        data=dict(path=cluster["data"], train_resolution=32, val_resolution=32, val_crop_ratio=1.0, batch_size=32,
-                  num_workers=1),
-        optim=dict(epochs=EPOCHS, warmup_epochs=0.5, lr_peak=5e-3), policy=dict(stage="one"),
-        scaling=dict(num_workers=2, cpus_per_worker=1), eval_every_epochs=EPOCHS, max_failures=1,
-        tracking=dict(tracking_uri=cluster["mlflow"].uri, experiment="two-nodes"),
-        storage_path=str(cluster["tmp"] / "ray")))
+    cfg = digits_stage("two-nodes", data=cluster["data"], tracking_uri=cluster["mlflow"].uri,
+                       storage_path=str(cluster["tmp"] / "ray"), epochs=EPOCHS, eval_every_epochs=EPOCHS,
+                       max_failures=1, scaling=dict(num_workers=2, cpus_per_worker=1))
     marker, go = cluster["tmp"] / "paused", cluster["tmp"] / "go"
     thread, box = run_stage_in_thread(cfg, [NodesAndPause(str(marker), str(go))])
     wait_for_pause(marker, thread, box)
