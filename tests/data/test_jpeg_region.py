@@ -237,7 +237,8 @@ print(next(iter(train))[0].shape[0], next(iter(val))[0].shape[0])
 def test_a_jpeg_damaged_after_writing_stops_the_epoch_with_a_data_error(mixed_data, tmp_path, decode_crop_only):
     """libjpeg refusing an image used to leave a black crop in the batch, and training went on silently; now
     the batch raises, and the epoch ends with a DataError that says the file was damaged. The header of every
-    JPEG in a copy of the training file is broken, so the first batch holds one whichever images it draws."""
+    JPEG in a copy of the training file is broken, so the first batch holds one whichever images it draws; two
+    decoding threads, so the error leaves numba's parallel loop."""
     import shutil
 
     from orchestrator.data.loaders import build_train_loader
@@ -250,7 +251,7 @@ def test_a_jpeg_damaged_after_writing_stops_the_epoch_with_a_data_error(mixed_da
     for start in starts:
         beton[start:start + 2] = b"\x00\x00"  # "Not a JPEG file"
     (data / "train.beton").write_bytes(bytes(beton))
-    cfg = DataConfig(path=str(data), train_resolution=16, batch_size=8, num_workers=1,
+    cfg = DataConfig(path=str(data), train_resolution=16, batch_size=8, num_workers=2,
                      decode_crop_only=decode_crop_only)
     train = build_train_loader(cfg, rank=0, world_size=1, device=torch.device("cpu"), distributed=False)
     with pytest.raises(DataError, match=r"ValueError: a JPEG image in the \.beton does not decode: the file was "
