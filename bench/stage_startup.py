@@ -9,6 +9,7 @@ actors) are not in this figure: the pipeline's per-process CPU totals are.
 
     python bench/stage_startup.py                       # with FFCV's compile cache (the default)
     python bench/stage_startup.py --no-compile-cache    # as every worker did before the cache
+    python bench/stage_startup.py --profile-engine      # also: what calibration + deepspeed.initialize call
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _steps(data: str, compile_cache: bool) -> list[tuple[str, float, float]]:
+def _steps(data: str, compile_cache: bool, profile_engine: bool = False) -> list[tuple[str, float, float]]:
     """One worker's steps in this process: (step, wall s, CPU s)."""
     marks = [("start", time.perf_counter(), time.process_time())]
 
@@ -69,7 +70,14 @@ def _steps(data: str, compile_cache: bool) -> list[tuple[str, float, float]]:
     mark("first training batch (compiles the loader's pipeline)")
     next(iter(val))
     mark("first validation batch (compiles its pipeline)")
-    worker.build_engine(net, (train, val))
+    if profile_engine:  # its callees by cumulative time, to stderr (stdout carries the readings)
+        import cProfile
+        import pstats
+        profile = cProfile.Profile()
+        profile.runcall(worker.build_engine, net, (train, val))
+        pstats.Stats(profile, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
+    else:
+        worker.build_engine(net, (train, val))
     mark("calibration + deepspeed.initialize (loads the shm-comm op)")
     for epoch in range(cfg.optim.epochs):
         metrics = worker.train_epoch(epoch)
@@ -83,10 +91,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-compile-cache", action="store_true", help="FFCV's numba code compiled in the process")
     parser.add_argument("--data", help="a data folder (default: the embedded digits, written to a temp folder)")
+    parser.add_argument("--profile-engine", action="store_true",
+                        help="print cProfile's top 25 callees of calibration + deepspeed.initialize (timed under it)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(_steps(args.data, not args.no_compile_cache)))
+        print(json.dumps(_steps(args.data, not args.no_compile_cache, args.profile_engine)))
         return
     data = args.data
     if data is None:
@@ -95,8 +105,11 @@ def main() -> None:
         data = str(write_embedded_digits(Path(tempfile.mkdtemp()) / "digits"))
     command = [sys.executable, __file__, "--child", "--data", data] + (["--no-compile-cache"] * args.no_compile_cache)
     subprocess.run(command, check=True, capture_output=True)  # a first process fills the caches
-    done = subprocess.run(command, check=True, capture_output=True, text=True)  # the reading: a later worker
+    done = subprocess.run(command + ["--profile-engine"] * args.profile_engine, check=True, capture_output=True,
+                          text=True)  # the reading: a later worker
     steps = json.loads(done.stdout.strip().splitlines()[-1])
+    if args.profile_engine:
+        print(done.stderr[done.stderr.find("function calls"):], "\n")
     print(f"One worker's steps, {'without' if args.no_compile_cache else 'with'} FFCV's compile cache "
           f"(load average {os.getloadavg()[0]:.1f}):\n")
     print("| step | CPU s | wall s |\n|---|---|---|")

@@ -72,3 +72,14 @@ def make_indexed_data_folder(out: Path, *, train: int, val: int) -> Path:
     write_beton(IndexedPairs(val), out / "val.beton", writer, write_mode="raw")
     (out / "classes.json").write_text(json.dumps({str(i): i for i in range(max(train, val))}))
     return out
+
+
+def break_jpeg_headers(beton: Path, every: int = 1) -> int:
+    """Overwrite the start-of-image marker of every `every`-th JPEG stored in `beton` (libjpeg then refuses it:
+    "Not a JPEG file"), as damage after writing would; returns how many JPEGs the file holds."""
+    data = bytearray(beton.read_bytes())
+    starts = [i for i in range(len(data) - 2) if data[i:i + 3] == b"\xff\xd8\xff"]
+    for start in starts[::every]:
+        data[start:start + 2] = b"\x00\x00"
+    beton.write_bytes(bytes(data))
+    return len(starts)

@@ -28,7 +28,7 @@ from orchestrator.data.jpeg_region import (CACHE_DIR_VARIABLE, RegionDecodingCen
                                            build_library, decode_jpeg_region, decode_jpeg_rows)
 from orchestrator.data.loaders import build_val_loader
 
-from .helpers import smooth_image
+from .helpers import break_jpeg_headers, smooth_image
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
@@ -245,12 +245,7 @@ def test_a_jpeg_damaged_after_writing_stops_the_epoch_with_a_data_error(mixed_da
 
     data = tmp_path / "data"
     shutil.copytree(mixed_data, data)
-    beton = bytearray((data / "train.beton").read_bytes())
-    starts = [i for i in range(len(beton) - 2) if beton[i:i + 3] == b"\xff\xd8\xff"]  # each JPEG's SOI marker
-    assert len(starts) >= 20
-    for start in starts:
-        beton[start:start + 2] = b"\x00\x00"  # "Not a JPEG file"
-    (data / "train.beton").write_bytes(bytes(beton))
+    assert break_jpeg_headers(data / "train.beton") >= 20
     cfg = DataConfig(path=str(data), train_resolution=16, batch_size=8, num_workers=2,
                      decode_crop_only=decode_crop_only)
     train = build_train_loader(cfg, rank=0, world_size=1, device=torch.device("cpu"), distributed=False)
