@@ -3,12 +3,13 @@
 #
 # Trains resnet18 (ImageNet stem, 1000 classes, the default BN -> quantizer -> conv blocks) at 224x224 on
 # synthetic batches through the engine's own pieces -- the DeepSpeed engine built from our generated config
-# (ZeRO-1, torch Adam, the worker's optimizer groups, bf16 when asked), the per-iteration cosine schedule,
+# (ZeRO-1, torch Adam, the worker's optimizer groups, bf16 autocast when asked), the per-iteration cosine schedule,
 # the per-step seeded sub-net sampler and `train_step` (what every Ray worker runs per step) -- in one
 # process on GPU 0, and measures images/s of:
 #   plain   plain nn.Conv2d / nn.BatchNorm2d ResNet-18, fp32 engine (the price of ordinary training)
 #   fp32    the meta-network with policy "fp32" (nothing quantized), fp32 engine: the FP32 baseline
-#   three   Stage III (k=0.75, ramp done, every layer at its own bit-width), bf16 engine
+#   three   Stage III (k=0.75, ramp done, every layer at its own bit-width), bf16 autocast engine
+#   three32 the same in a float32 engine (RUNS names it)
 # each with NCHW and with channels-last input images (CHANNELS_LAST=both), and prints the card, every figure
 # and the ratio Stage III bf16 / FP32 baseline (each at its faster memory format, and per format).
 # Ray and FFCV are left out on purpose: bench/loader.py and the integration tests measure them.
@@ -19,12 +20,16 @@
 #     env: STEPS=200 WARMUP=20 BATCH=128 MAX_TIMED_S=30 (a timed loop stops early past it)
 #          CHANNELS_LAST=both|0|1  CUDNN_BENCHMARK=1  PLAIN=1  TIME_LIMIT_S=540
 #          RESULT_JSON=runs/gpu_check.json (the figures as JSON)  WHEELS=build/gpu_wheels
+#          RUNS=plain,fp32,three (which networks; also three32: Stage III in a float32 engine)
+#          ZERO_STAGE=1 (the engine's ZeRO stage, 0-2)
+#          PROFILE_STEPS=0 (after each timed loop, that many steps under torch.profiler: per step, the
+#            operators, the kernel launches, the GPU's busy time against the wall, and the top operators)
 #   DRY_RUN_ON_CPU=1 STEPS=2 WARMUP=1 BATCH=2 bench/gpu_check.sh   checks the script itself on a CPU
 #     machine (gloo instead of NCCL; the figures mean nothing there).
 # A GPU machine with no internet and no DeepSpeed/pydantic: run bench/gpu_wheels.sh on a machine with
 # internet first; this script installs build/gpu_wheels/*.whl into a scratch folder when the import fails.
-# Checks itself: exits non-zero when no GPU is visible, a loss is not finite, the bf16 engine does not hold
-# bf16 weights or lost its float32 BN statistics, Stage III drew fewer than 2 distinct sub-nets, or the run
+# Checks itself: exits non-zero when no GPU is visible, a loss is not finite, the bf16 engine does not compute
+# in bf16 or holds anything but float32 weights and BN statistics, Stage III drew fewer than 2 distinct sub-nets, or the run
 # passes TIME_LIMIT_S.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -81,7 +86,7 @@ import deepspeed
 import bitmixer_core as core
 from bitmixer_core.models import MODEL_SPECS, ResNet
 from orchestrator.engine.config import StageConfig
-from orchestrator.engine.deepspeed_config import align_buffers, deepspeed_config, parameter_groups
+from orchestrator.engine.deepspeed_config import deepspeed_config, parameter_groups
 from orchestrator.engine.schedule import warmup_cosine
 from orchestrator.engine.step import train_step
 from orchestrator.engine.subnets import SubnetSampler, set_stage_precision
@@ -89,6 +94,8 @@ from orchestrator.engine.subnets import SubnetSampler, set_stage_precision
 env = os.environ.get
 STEPS, WARMUP, BATCH = int(env("STEPS", 200)), int(env("WARMUP", 20)), int(env("BATCH", 128))
 MAX_TIMED_S = float(env("MAX_TIMED_S", 30))
+PROFILE_STEPS = int(env("PROFILE_STEPS", 0))
+ZERO_STAGE = int(env("ZERO_STAGE", 1))
 LAYOUTS = {"both": (False, True), "0": (False,), "1": (True,)}.get(env("CHANNELS_LAST", "both"))
 if LAYOUTS is None:
     sys.exit(f"gpu_check: CHANNELS_LAST must be both, 0 or 1, got {env('CHANNELS_LAST')!r}.")
@@ -119,10 +126,35 @@ def stage_config(stage: str, bf16: bool) -> StageConfig:
         data=dict(path="synthetic", batch_size=BATCH),
         optim=dict(epochs=1, warmup_epochs=0),
         policy=dict(stage=stage, k=0.75, ramp_epochs=0),
-        deepspeed=dict(bf16_on_gpu=bf16),
+        deepspeed=dict(bf16_on_gpu=bf16, zero_stage=ZERO_STAGE),
         scaling=dict(num_workers=1, use_gpu=True),
         tracking=dict(tracking_uri="sqlite:////tmp/gpu_check_unused.db"),
     ))
+
+
+def profile(name, engine, images, labels, sampler, cfg, dtype, start: int) -> None:
+    """PROFILE_STEPS more steps under torch.profiler: whether the step waits on the GPU or on Python."""
+    from torch.profiler import ProfilerActivity
+    activities = [ProfilerActivity.CPU] + ([] if DRY_RUN else [ProfilerActivity.CUDA])
+    synchronize()
+    began = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        for step in range(start, start + PROFILE_STEPS):
+            train_step(engine, images, labels, sampler=sampler, global_step=step, epoch=1.0, accumulation=1,
+                       distill=cfg.distill, dtype=dtype)
+        synchronize()
+    wall_ms = (time.perf_counter() - began) * 1e3 / PROFILE_STEPS
+    events = prof.key_averages()
+    ops = sum(e.count for e in events if e.key.startswith("aten::")) / PROFILE_STEPS
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")) / PROFILE_STEPS
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]  # each kernel once
+    busy_ms = sum(e.device_time_total for e in kernels) / 1e3 / PROFILE_STEPS
+    print(f"gpu_check: profile {name}: {wall_ms:.1f} ms a step (profiled), {ops:.0f} aten ops, "
+          f"{launches:.0f} kernel launches, GPU busy {busy_ms:.1f} ms a step", flush=True)
+    key = "self_cpu_time_total" if DRY_RUN else "self_device_time_total"
+    print(events.table(sort_by=key, row_limit=12, max_name_column_width=48), flush=True)
+    if not DRY_RUN:
+        print(events.table(sort_by="count", row_limit=12, max_name_column_width=48), flush=True)
 
 
 def measure(name: str, stage: str, bf16: bool, channels_last: bool) -> dict:
@@ -148,11 +180,12 @@ def measure(name: str, stage: str, bf16: bool, channels_last: bool) -> dict:
         model=net, model_parameters=parameter_groups(net), config=ds_config,
         lr_scheduler=lambda opt: warmup_cosine(opt, total_steps=total, warmup_steps=0, lr_peak=cfg.optim.lr_peak),
         dist_init_required=False)
-    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
-    align_buffers(engine.module, dtype)
-    weight_dtype = next(engine.module.parameters()).dtype
-    if weight_dtype != dtype:
-        sys.exit(f"gpu_check: the {name} engine holds {weight_dtype} weights, expected {dtype}.")
+    dtype = torch.bfloat16 if ds_config["torch_autocast"]["enabled"] else torch.float32
+    weight_dtypes = {p.dtype for p in engine.module.parameters()}
+    if weight_dtypes != {torch.float32}:
+        sys.exit(f"gpu_check: the {name} engine holds {weight_dtypes} weights, expected float32.")
+    logits_dtypes = set()
+    engine.module.fc.register_forward_hook(lambda module, args, out: logits_dtypes.add(out.dtype))
     sampler = NoDraw() if name == "plain" else SubnetSampler(engine.module, cfg.policy, cfg.model, run_seed=0)
     seen = set()
     engine.train()
@@ -173,12 +206,16 @@ def measure(name: str, stage: str, bf16: bool, channels_last: bool) -> dict:
                 break
     synchronize()
     elapsed = time.perf_counter() - started
+    if PROFILE_STEPS:
+        profile(name, engine, images, labels, sampler, cfg, dtype, start=total)
+    if logits_dtypes != {dtype}:
+        sys.exit(f"gpu_check: the {name} engine computed its logits in {logits_dtypes}, expected {dtype}.")
     if stage == "three" and len(seen) < 2:
         sys.exit(f"gpu_check: Stage III drew {len(seen)} distinct sub-net(s) in {total} steps; expected many.")
     bn_dtypes = {b.dtype for n, b in engine.module.named_buffers() if n.endswith(("running_mean", "running_var"))}
     if bn_dtypes != {torch.float32}:
         sys.exit(f"gpu_check: the {name} engine's BN running statistics are {bn_dtypes}, expected float32.")
-    result = {"name": name, "stage": stage, "dtype": str(dtype).removeprefix("torch."),
+    result = {"name": name, "stage": stage, "zero_stage": ZERO_STAGE, "dtype": str(dtype).removeprefix("torch."),
               "channels_last": channels_last, "batch": BATCH, "timed_steps": timed,
               "seconds": round(elapsed, 2), "images_per_s": round(timed * BATCH / elapsed, 1),
               "distinct_subnets": len(seen), "last_loss": round(loss_sum / count, 4),
@@ -191,9 +228,12 @@ def measure(name: str, stage: str, bf16: bool, channels_last: bool) -> dict:
     return result
 
 
-runs = [("fp32", "fp32", False), ("three", "three", True)]
-if env("PLAIN", "1") == "1":
-    runs.insert(0, ("plain", "fp32", False))
+KNOWN_RUNS = {"plain": ("plain", "fp32", False), "fp32": ("fp32", "fp32", False),
+              "three": ("three", "three", True), "three32": ("three32", "three", False)}
+names = env("RUNS", "plain,fp32,three" if env("PLAIN", "1") == "1" else "fp32,three").split(",")
+if not {"fp32", "three"} <= set(names) or not set(names) <= set(KNOWN_RUNS):
+    sys.exit(f"gpu_check: RUNS must name fp32 and three, and only {sorted(KNOWN_RUNS)}; got {names}.")
+runs = [KNOWN_RUNS[n] for n in names]
 results = [measure(name, stage, bf16, cl) for name, stage, bf16 in runs for cl in LAYOUTS]
 
 

@@ -80,12 +80,11 @@ def _region():
 
 
 def _bn_fusable(norm, y) -> bool:
-    """A Transitional BN in a training step with gradients, float32 (as its eager Float32BatchNorm2d)."""
+    """A Transitional BN in a training step with gradients, float32 (as its eager batch_norm_float32)."""
     if not isinstance(norm, TransitionalBatchNorm2d):
         return False
-    bn = norm.active_entry
-    return (norm.training and torch.is_grad_enabled() and bn.track_running_stats and bn.momentum is not None
-            and y.dtype == torch.float32 and bn.weight.dtype == torch.float32)
+    return (norm.training and torch.is_grad_enabled() and norm.momentum is not None
+            and y.dtype == torch.float32 and norm.weight.dtype == torch.float32)
 
 
 def _quantizer_fusable(layer) -> bool:
@@ -98,7 +97,7 @@ def _quantizer_fusable(layer) -> bool:
 def _bn_inputs(norm):
     bn = norm.active_entry
     bn.num_batches_tracked.add_(1)
-    return bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps
+    return bn.weight, bn.bias, bn.running_mean, bn.running_var, norm.momentum, norm.eps
 
 
 def _constants(device, slot: int, lo: int, hi: int, scale: float):

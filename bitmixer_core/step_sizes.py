@@ -7,6 +7,7 @@ from torch import nn
 
 from .assignment import get_bits, quantized_layers, refresh_transitions, set_bits
 from .layers import QuantizedLayerMixin
+from .transitional_bn import TransitionalBatchNorm2d
 
 
 @torch.no_grad()
@@ -32,7 +33,7 @@ def calibrate_activation_step_sizes(model: nn.Module, images: torch.Tensor) -> N
     was_training = model.training
     saved_bits = get_bits(model)
     saved_activations = [m.quantize_activations for m in layers]
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, TransitionalBatchNorm2d))]
     saved_momentum = [bn.momentum for bn in norms]
     saved_tracked = [bn.num_batches_tracked.clone() for bn in norms if bn.num_batches_tracked is not None]
     try:

@@ -4,9 +4,14 @@ The BN that sits between quantized layer l-1 (the *previous* layer, which produc
 and quantized layer l (the *next* layer, which consumes its output, at j bits) keeps separate gamma, beta
 and running statistics for every (i, j) pair and uses the pair of the current assignment.
 
-The entries are ordinary nn.BatchNorm2d sub-modules in an nn.ModuleList, so all of them are parameters
-of the model, saved in `state_dict` (keys `entries.<k>.weight`, ...) and loaded back; `entry_keys[k]`
-names the (i, j) pair of entry k. Selecting a pair only changes an integer: no parameter is copied.
+Entry k is row k of five stacked tensors: the parameters `weight` and `bias` and the buffers `running_mean`,
+`running_var` and `num_batches_tracked`; `entry_keys[k]` names its (i, j) pair. Selecting a pair only
+changes an integer: no parameter is copied. One parameter per kind rather than one BatchNorm2d per pair
+matters for speed: ResNet-18's 20 Transitional BNs would otherwise hold 360 of its ~400 parameter tensors,
+and an optimizer step pays several kernel launches per tensor (docs/benchmarks.md, "GPU"). An entry that
+a step does not use gets a zero gradient in its row, as a separate parameter did under DeepSpeed, which
+fills the gradient of every parameter that had none. Checkpoints with one BatchNorm2d per entry
+(`entries.<k>.weight`, ...) still load.
 
 A side whose layer has a fixed precision (the full-precision or 8-bit first conv and last FC) has a single
 bit-width, e.g. (32,) or (8,), so that side contributes one key only.
@@ -21,6 +26,7 @@ Modes (Table 1 ablation):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -30,10 +36,17 @@ from torch import nn
 MODES = ("transitional", "per_bit", "shared")
 
 
+def batch_norm_float32(x: torch.Tensor, running_mean, running_var, weight, bias, training: bool, momentum: float,
+                       eps: float) -> torch.Tensor:
+    """Batch norm computed in float32 whatever the input and parameter dtypes; returns the input's dtype. Under
+    bf16 autocast the input is a bf16 convolution output, while the running statistics stay float32, where a
+    running average still moves by updates of 1e-4 (bf16 resolves about 0.4 % near 1 and stalls)."""
+    out = F.batch_norm(x.float(), running_mean, running_var, weight.float(), bias.float(), training, momentum, eps)
+    return out.to(x.dtype)
+
+
 class Float32BatchNorm2d(nn.BatchNorm2d):
-    """A BatchNorm2d that normalises in float32 whatever the input and parameter dtypes, and returns the
-    input's dtype. Mixed-precision engines (bf16) cast parameters only: the running statistics stay float32,
-    where a running average still moves by updates of 1e-4 (bf16 resolves about 0.4 % near 1 and stalls)."""
+    """A BatchNorm2d that normalises in float32 (`batch_norm_float32`): the stem BN of the BN-first order."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
@@ -43,10 +56,20 @@ class Float32BatchNorm2d(nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         use_batch = self.training or self.running_mean is None
-        out = F.batch_norm(x.float(), self.running_mean if not self.training or self.track_running_stats else None,
-                           self.running_var if not self.training or self.track_running_stats else None,
-                           self.weight.float(), self.bias.float(), use_batch, factor, self.eps)
-        return out.to(x.dtype)
+        track = not self.training or self.track_running_stats
+        return batch_norm_float32(x, self.running_mean if track else None, self.running_var if track else None,
+                                  self.weight, self.bias, use_batch, factor, self.eps)
+
+
+@dataclass(frozen=True)
+class BatchNormEntry:
+    """Entry k of a Transitional BN: views of row k of its stacked tensors (writing them writes the BN)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    num_batches_tracked: torch.Tensor
 
 
 class TransitionalBatchNorm2d(nn.Module):
@@ -81,7 +104,13 @@ class TransitionalBatchNorm2d(nn.Module):
             lookup = {p: 0 for p in pairs}
         self.entry_keys = keys
         self._lookup = lookup
-        self.entries = nn.ModuleList(Float32BatchNorm2d(num_features, eps=eps, momentum=momentum) for _ in keys)
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(len(keys), num_features))
+        self.bias = nn.Parameter(torch.zeros(len(keys), num_features))
+        self.register_buffer("running_mean", torch.zeros(len(keys), num_features))
+        self.register_buffer("running_var", torch.ones(len(keys), num_features))
+        self.register_buffer("num_batches_tracked", torch.zeros(len(keys), dtype=torch.long))
+        self.register_load_state_dict_pre_hook(_stack_entry_modules)
         # Start at the (max, max) pair.
         self._active = lookup[(self.previous_bits[-1], self.next_bits[-1])]
         # Wiring to the layers on each side (plain references, not sub-modules): see `wire`.
@@ -99,9 +128,33 @@ class TransitionalBatchNorm2d(nn.Module):
                 f"this BN was built for previous bits {self.previous_bits} and next bits {self.next_bits}."
             ) from None
 
+    def __len__(self) -> int:
+        """The number of entries (one per key)."""
+        return len(self.entry_keys)
+
+    def entry(self, index: int) -> BatchNormEntry:
+        return BatchNormEntry(self.weight[index], self.bias[index], self.running_mean[index],
+                              self.running_var[index], self.num_batches_tracked[index])
+
     @property
-    def active_entry(self) -> nn.BatchNorm2d:
-        return self.entries[self._active]
+    def entries(self) -> list[BatchNormEntry]:
+        return [self.entry(k) for k in range(len(self))]
+
+    @property
+    def active_entry(self) -> BatchNormEntry:
+        return self.entry(self._active)
+
+    @torch.no_grad()
+    def copy_entry(self, source: int, target: int) -> None:
+        """Entry `target` takes entry `source`'s parameters and statistics."""
+        for tensor in (self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked):
+            tensor[target] = tensor[source]
+
+    @torch.no_grad()
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.num_batches_tracked.zero_()
 
     @property
     def transition(self):
@@ -124,7 +177,7 @@ class TransitionalBatchNorm2d(nn.Module):
             source = index.get((i, i))
             if i == j or source is None:
                 continue
-            self.entries[k].load_state_dict(self.entries[source].state_dict())
+            self.copy_entry(source, k)
             seeded += 1
         return seeded
 
@@ -147,10 +200,28 @@ class TransitionalBatchNorm2d(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.entries[self._active](x)
+        k = self._active
+        factor = self.momentum
+        if self.training:
+            self.num_batches_tracked[k] += 1
+            if self.momentum is None:  # a cumulative average, as nn.BatchNorm2d's momentum=None
+                factor = 1.0 / float(self.num_batches_tracked[k])
+        return batch_norm_float32(x, self.running_mean[k], self.running_var[k], self.weight[k], self.bias[k],
+                                  self.training, factor or 0.0, self.eps)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, mode={self.mode}, entries={len(self.entries)}, transition={self.transition}"
+        return f"{self.num_features}, mode={self.mode}, entries={len(self)}, transition={self.transition}"
+
+
+def _stack_entry_modules(module, state_dict, prefix, *args) -> None:
+    """Load a checkpoint written with one BatchNorm2d per entry (`entries.<k>.weight`, ...): stack its rows."""
+    old = f"{prefix}entries."
+    if not any(key.startswith(old) for key in state_dict):
+        return
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        keys = [f"{old}{k}.{name}" for k in range(len(module.entry_keys))]
+        if all(key in state_dict for key in keys):
+            state_dict[prefix + name] = torch.stack([state_dict.pop(key) for key in keys])
 
 
 def _side_bits(layer, bit_set: tuple[int, ...]) -> int:
@@ -193,8 +264,10 @@ def load_across_bn_modes(target: nn.Module, source: nn.Module) -> None:
                          f"{unexpected[:3]}); they must be the same architecture.")
     for name, bn in target_bns.items():
         src = source_bns[name]
-        for index in range(len(bn.entries)):
+        for index in range(len(bn)):
             pairs = [p for p, k in bn._lookup.items() if k == index]
             uniform = [p for p in pairs if p[0] == p[1]]
             pair = max(uniform) if uniform else pairs[-1]  # shared: (max, max); a fixed side: its last pair
-            bn.entries[index].load_state_dict(src.entries[src._lookup[pair]].state_dict())
+            source = src._lookup[pair]
+            for kind in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                getattr(bn, kind)[index] = getattr(src, kind)[source]

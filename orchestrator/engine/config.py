@@ -195,7 +195,8 @@ class DeepSpeedConfig(BaseModel):
 
     zero_stage: ZeroStage = Field(1, description="ZeRO stage (0, 1 or 2; 3 is refused in one sentence).")
     grad_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    bf16_on_gpu: bool = Field(True, description="bf16 mixed precision on GPU (CPU always trains in fp32).")
+    bf16_on_gpu: bool = Field(True, description="bf16 mixed precision on GPU through torch autocast: float32 "
+                             "weights, optimizer and BN statistics, bf16 convolutions (CPU always trains in fp32).")
     gradient_clipping: float = Field(0.0, ge=0, description="Max gradient norm (0 = off).")
     compile_blocks: bool = Field(False, description="Train with bitmixer_core.compile_fused_regions: each BN -> "
                                  "ReLU -> quantizer region compiled (a Stage III step 1.02-1.05x a plain one on "

@@ -9,7 +9,11 @@ def deepspeed_config(cfg: StageConfig, *, world_size: int, use_gpu: bool) -> dic
 
     - Per-worker batch = global // workers; one optimizer step consumes it in `grad_accumulation`
       micro-batches, so train_batch_size stays the configured global batch.
-    - bf16 on GPU when asked; fp32 on CPU (CPU bf16 kernels are slow and gloo cannot reduce them well).
+    - bf16 on GPU when asked, as torch autocast (`torch_autocast`): the weights, their gradients, the
+      optimizer and the BN statistics stay float32 and convolutions run in bf16. DeepSpeed's own "bf16" mode
+      (bf16 weights, float32 master copies) was measured at half the images/s of this on an H200: its
+      optimizer pays several kernel launches per parameter tensor, and the meta-network has ~400 of them
+      (docs/benchmarks.md, "GPU"). fp32 on CPU (CPU bf16 kernels are slow).
     - Adam with L2 weight decay (the paper's Adam, not AdamW) as plain torch Adam: `torch_adam` keeps
       DeepSpeed from compiling FusedAdam, which needs CUDA (and ~95 s of build on a CPU machine).
     The learning-rate schedule is passed to deepspeed.initialize as a torch LambdaLR (engine/schedule.py).
@@ -26,7 +30,8 @@ def deepspeed_config(cfg: StageConfig, *, world_size: int, use_gpu: bool) -> dic
                        "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True, "adam_w_mode": False},
         },
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-        "bf16": {"enabled": bool(use_gpu and cfg.deepspeed.bf16_on_gpu)},
+        "bf16": {"enabled": False},
+        "torch_autocast": {"enabled": autocast_bf16(cfg, use_gpu=use_gpu), "dtype": "bfloat16"},
         "fp16": {"enabled": False},
         "steps_per_print": 10**9,  # progress is ours: one line per epoch
         "wall_clock_breakdown": False,
@@ -34,6 +39,11 @@ def deepspeed_config(cfg: StageConfig, *, world_size: int, use_gpu: bool) -> dic
     if cfg.deepspeed.gradient_clipping > 0:
         config["gradient_clipping"] = cfg.deepspeed.gradient_clipping
     return config
+
+
+def autocast_bf16(cfg: StageConfig, *, use_gpu: bool) -> bool:
+    """Whether the stage computes in bf16 (torch autocast): on GPU, when the config asks for it."""
+    return bool(use_gpu and cfg.deepspeed.bf16_on_gpu)
 
 
 def parameter_groups(net) -> list[dict]:
@@ -44,14 +54,3 @@ def parameter_groups(net) -> list[dict]:
     step_ids = {id(p) for p in steps}
     others = [p for p in net.parameters() if p.requires_grad and id(p) not in step_ids]
     return [group for group in ({"params": others}, {"params": steps, "weight_decay": 0.0}) if group["params"]]
-
-
-def align_buffers(module, dtype) -> None:
-    """DeepSpeed's bf16 mode casts parameters only. BN running statistics stay float32 on purpose: the
-    core's BNs (Float32BatchNorm2d) normalise in float32 and return the input's dtype, and a bf16 running
-    average (about 0.4 % resolution) would stall. Any floating buffer that was cast is put back to float32."""
-    import torch
-    del dtype  # every precision keeps float32 statistics
-    for buffer in module.buffers():
-        if buffer.is_floating_point() and buffer.dtype != torch.float32:
-            buffer.data = buffer.data.float()

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 import bitmixer_core as core
+from orchestrator.engine.precision import compute_precision
 
 RAND_TOP1, RAND_TOP1_STD = "val/rand_top1_mean", "val/rand_top1_std"
 RAND_TOP5, RAND_TOP5_STD = "val/rand_top5_mean", "val/rand_top5_std"
@@ -68,22 +69,18 @@ def all_reduce_sum(device: torch.device):
     return reduce
 
 
-def _cast(batches: Iterable, dtype: torch.dtype):
-    """Re-iterable view of `batches` with images in the network's dtype (bf16 engines)."""
-    class _View:
-        def __iter__(self):
-            for images, labels in batches:
-                yield images.to(dtype), labels
-    return _View()
-
-
 def evaluate_stage(net: nn.Module, val_batches: Iterable, *, stage: str, bits: list[int], rand_seeds: list[int],
                    device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
     """Flat metrics: val/top1_<b>bit and val/top5_<b>bit for every bit-width and val/rand_top{1,5}_{mean,std};
     for the FP32 stage only val/top1_fp32 and val/top5_fp32. Also val/images, the number of images the
-    figures cover."""
-    reduce = all_reduce_sum(device)
-    batches = _cast(val_batches, dtype)
+    figures cover. The forward passes compute in `dtype`, the stage's training precision."""
+    with compute_precision(device, dtype):
+        return _evaluate_stage(net, val_batches, stage=stage, bits=bits, rand_seeds=rand_seeds,
+                               reduce=all_reduce_sum(device))
+
+
+def _evaluate_stage(net: nn.Module, batches: Iterable, *, stage: str, bits: list[int], rand_seeds: list[int],
+                    reduce) -> dict:
     if stage == "fp32":
         result = core.evaluate_fixed_bits(net, batches, max(bits), reduce=reduce)
         return {TOP1_FP32: result["top1"], TOP5_FP32: result["top5"], VAL_IMAGES: result["n"]}

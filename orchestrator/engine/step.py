@@ -6,6 +6,7 @@ import torch
 
 import bitmixer_core as core
 from orchestrator.engine.config import DistillConfig
+from orchestrator.engine.precision import compute_precision
 from orchestrator.engine.subnets import SubnetSampler
 
 
@@ -13,14 +14,15 @@ def train_step(engine, images: torch.Tensor, labels: torch.Tensor, *, sampler: S
                epoch: float, accumulation: int, distill: DistillConfig, teacher=None,
                dtype: torch.dtype = torch.float32) -> tuple[float, int]:
     """Returns (sum of per-image losses, images) for the epoch's mean loss. DeepSpeed steps the optimizer
-    and the LR schedule once `accumulation` micro-batches have gone backward."""
+    and the LR schedule once `accumulation` micro-batches have gone backward. `dtype` is the compute dtype:
+    bf16 when the engine autocasts its forward, which the teacher's forward then does too."""
     sampler.apply(global_step, epoch)
     loss_sum, count = 0.0, 0
     for part_images, part_labels in zip(images.chunk(accumulation), labels.chunk(accumulation)):
-        logits = engine(part_images.to(dtype))
+        logits = engine(part_images)
         teacher_logits = None
         if teacher is not None:
-            with torch.no_grad():
+            with torch.no_grad(), compute_precision(part_images.device, dtype):
                 teacher_logits = teacher(part_images).float()
         loss = core.distillation_loss(logits.float(), teacher_logits, part_labels,
                                       temperature=distill.temperature, weight=distill.weight)

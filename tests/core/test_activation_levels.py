@@ -7,7 +7,8 @@ ResNet-18, in both block orders."""
 import pytest
 import torch
 
-from bitmixer_core import build_model, calibrate_activation_step_sizes, quantized_layers, set_bits
+from bitmixer_core import (TransitionalBatchNorm2d, build_model, calibrate_activation_step_sizes, quantized_layers,
+                           set_bits)
 
 
 def quantized_inputs(model, images):
@@ -31,7 +32,7 @@ def calibrate(model, images):
     calibrate_activation_step_sizes(model, images)
     model.train()
     for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
+        if isinstance(m, (torch.nn.BatchNorm2d, TransitionalBatchNorm2d)):
             m.reset_running_stats()
             m.momentum = None
     with torch.no_grad():

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from bitmixer_core import (QConv2d, QLinear, available_models, build_model, calibrate_activation_step_sizes,
-                           quantized_layers, set_bits)
+from bitmixer_core import (QConv2d, QLinear, TransitionalBatchNorm2d, available_models, build_model,
+                           calibrate_activation_step_sizes, quantized_layers, set_bits)
 
 TINY = ["resnet_tiny", "ebn_tiny"]
 
@@ -30,7 +30,8 @@ def test_registry_lists_the_papers_architectures():
 def split_parameters(model):
     """(conv + FC parameters, BN parameters, step sizes)."""
     steps = sum(p.numel() for n, p in model.named_parameters() if n.endswith("step_size"))
-    norms = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters())
+    norms = sum(p.numel() for m in model.modules() if isinstance(m, (torch.nn.BatchNorm2d, TransitionalBatchNorm2d))
+                for p in m.parameters())
     return sum(p.numel() for p in model.parameters()) - steps - norms, norms, steps
 
 

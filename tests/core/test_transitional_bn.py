@@ -121,8 +121,8 @@ def test_state_dict_round_trip_keeps_every_pair(block_order):
     source = build_model("resnet_tiny", num_classes=10, stem="small", block_order=block_order)
     randomise_entries(source)
     state = source.state_dict()
-    bn = f"layer1.0.{BETWEEN_CONV1_AND_CONV2[block_order]}.entries."
-    assert sum(k.startswith(bn) and k.endswith(".weight") for k in state) == 9
+    bn = f"layer1.0.{BETWEEN_CONV1_AND_CONV2[block_order]}."
+    assert state[bn + "weight"].shape[0] == state[bn + "running_var"].shape[0] == 9  # one row per pair
     target = build_model("resnet_tiny", num_classes=10, stem="small", block_order=block_order)
     target.load_state_dict(state)
     for k, v in target.state_dict().items():
@@ -192,3 +192,54 @@ def test_a_stage_two_model_loads_into_one_bn_per_bit_width(mode):
         torch.testing.assert_close(target(x), source(x))
     with pytest.raises(ValueError, match="same architecture"):
         load_across_bn_modes(build_model("ebn_tiny", num_classes=10, stem="small", bn=mode), source)
+
+
+def test_an_entry_normalises_as_a_batchnorm2d_holding_its_row():
+    """Entry k of the stacked tensors behaves as an nn.BatchNorm2d with row k's values: the same output and
+    the same running-statistics update in training, the same output in eval; the other rows stay as they were."""
+    torch.manual_seed(0)
+    tbn = TransitionalBatchNorm2d(6, (2, 3, 4))
+    with torch.no_grad():
+        tbn.weight.uniform_(0.5, 1.5)
+        tbn.bias.normal_()
+        tbn.running_mean.normal_()
+        tbn.running_var.uniform_(0.5, 1.5)
+    tbn.set_transition(3, 2)
+    k = tbn.entry_keys.index((3, 2))
+    reference = torch.nn.BatchNorm2d(6)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(reference, name).copy_(getattr(tbn, name)[k])
+    before = {name: getattr(tbn, name).detach().clone() for name in ("weight", "running_mean", "running_var")}
+    x = torch.randn(8, 6, 5, 5) * 3 + 1
+    for mode in ("train", "eval"):
+        getattr(tbn, mode)(), getattr(reference, mode)()
+        # Both compute in float32 with the same kernel: the results are bit-identical.
+        assert torch.equal(tbn(x), reference(x)), mode
+    assert torch.equal(tbn.running_mean[k], reference.running_mean)
+    assert torch.equal(tbn.running_var[k], reference.running_var)
+    assert int(tbn.num_batches_tracked[k]) == 1 and int(tbn.num_batches_tracked.sum()) == 1
+    others = [i for i in range(len(tbn)) if i != k]
+    for name, old in before.items():
+        assert torch.equal(getattr(tbn, name)[others], old[others]), name
+
+
+def test_a_checkpoint_with_one_batchnorm_per_entry_still_loads():
+    """State dicts written when each entry was its own BatchNorm2d (`entries.<k>.weight`, ...) load into the
+    stacked rows, entry by entry."""
+    model = build_model("resnet_tiny", num_classes=10, stem="small")
+    randomise_entries(model)
+    state = model.state_dict()
+    former = {}
+    for key, value in state.items():
+        module, _, name = key.rpartition(".")
+        bn = model.get_submodule(module) if module else None
+        if isinstance(bn, TransitionalBatchNorm2d):
+            for k in range(len(bn)):
+                former[f"{module}.entries.{k}.{name}"] = value[k].clone()
+        else:
+            former[key] = value
+    fresh = build_model("resnet_tiny", num_classes=10, stem="small")
+    fresh.load_state_dict(former)  # strict: every former key is used and every stacked key is filled
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, state[key]), key

@@ -105,7 +105,7 @@ def test_lambda_lr_steps_the_optimizer_per_iteration():
 
 def test_deepspeed_config_from_ours():
     """Global batch split over workers and accumulation; torch Adam with L2 decay (never FusedAdam); fp32
-    on CPU, bf16 only on GPU; ZeRO stage from the config."""
+    on CPU, bf16 autocast only on GPU (never DeepSpeed's bf16 weights); ZeRO stage from the config."""
     cfg = StageConfig.model_validate(stage_dict(data=dict(batch_size=256), scaling=dict(num_workers=4),
                                                 deepspeed=dict(grad_accumulation=2, zero_stage=2)))
     ds = deepspeed_config(cfg, world_size=4, use_gpu=False)
@@ -116,10 +116,11 @@ def test_deepspeed_config_from_ours():
     opt = ds["optimizer"]
     assert opt["type"] == "Adam" and opt["params"]["torch_adam"] is True and opt["params"]["adam_w_mode"] is False
     assert opt["params"]["lr"] == 1e-3 and opt["params"]["weight_decay"] == 1e-4
-    assert ds["bf16"]["enabled"] is False
-    assert deepspeed_config(cfg, world_size=4, use_gpu=True)["bf16"]["enabled"] is True
+    assert ds["bf16"]["enabled"] is False and ds["torch_autocast"]["enabled"] is False
+    on_gpu = deepspeed_config(cfg, world_size=4, use_gpu=True)
+    assert on_gpu["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and on_gpu["bf16"]["enabled"] is False
     no_bf16 = cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update={"bf16_on_gpu": False})})
-    assert deepspeed_config(no_bf16, world_size=4, use_gpu=True)["bf16"]["enabled"] is False
+    assert deepspeed_config(no_bf16, world_size=4, use_gpu=True)["torch_autocast"]["enabled"] is False
 
 
 def test_subnet_draws_depend_only_on_seed_and_step():

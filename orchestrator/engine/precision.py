@@ -1,0 +1,16 @@
+"""The compute precision of a stage: float32, or bf16 through torch autocast (GPU engines).
+
+Under autocast the weights, their gradients, the optimizer and the BN running statistics all stay float32;
+convolutions and the FC run in bf16, and the core's BNs normalise in float32 whatever they are given."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def compute_precision(device: torch.device | str, dtype: torch.dtype):
+    """A context that computes in `dtype`: autocast for bf16, nothing for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
