@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # GPU check of the training engine, for sessions lent a GPU; never part of the tests.
 #
-# Trains resnet18 (ImageNet stem, 1000 classes, the default BN -> quantizer -> conv blocks) at 224x224 on
-# synthetic batches through the engine's own pieces -- the DeepSpeed engine built from our generated config
+# Trains a ResNet (MODEL, resnet18 by default; ImageNet stem, 1000 classes, the default block order) at
+# 224x224 on synthetic batches through the engine's own pieces -- the DeepSpeed engine built from our generated config
 # (ZeRO-1, torch Adam, the worker's optimizer groups, bf16 autocast when asked), the per-iteration cosine schedule,
 # the per-step seeded sub-net sampler and `train_step` (what every Ray worker runs per step) -- in one
 # process on GPU 0, and measures images/s of:
-#   plain   plain nn.Conv2d / nn.BatchNorm2d ResNet-18, fp32 engine (the price of ordinary training)
+#   plain   the same ResNet of plain nn.Conv2d / nn.BatchNorm2d, fp32 engine (the price of ordinary training)
 #   fp32    the meta-network with policy "fp32" (nothing quantized), fp32 engine: the FP32 baseline
 #   three   Stage III (k=0.75, ramp done, every layer at its own bit-width), bf16 autocast engine
 #   three32 the same in a float32 engine (RUNS names it)
@@ -21,7 +21,7 @@
 #          CHANNELS_LAST=both|0|1  CUDNN_BENCHMARK=1  PLAIN=1  TIME_LIMIT_S=540
 #          RESULT_JSON=runs/gpu_check.json (the figures as JSON)  WHEELS=build/gpu_wheels
 #          RUNS=plain,fp32,three (which networks; also three32: Stage III in a float32 engine)
-#          ZERO_STAGE=1 (the engine's ZeRO stage, 0-2)
+#          ZERO_STAGE=1 (the engine's ZeRO stage, 0-2)  MODEL=resnet18 (any registered ResNet; ImageNet stem)
 #          PROFILE_STEPS=0 (after each timed loop, that many steps under torch.profiler: per step, the
 #            operators, the kernel launches, the GPU's busy time against the wall, and the top operators)
 #   DRY_RUN_ON_CPU=1 STEPS=2 WARMUP=1 BATCH=2 bench/gpu_check.sh   checks the script itself on a CPU
@@ -93,6 +93,7 @@ from orchestrator.engine.subnets import SubnetSampler, set_stage_precision
 
 env = os.environ.get
 STEPS, WARMUP, BATCH = int(env("STEPS", 200)), int(env("WARMUP", 20)), int(env("BATCH", 128))
+MODEL = env("MODEL", "resnet18")
 MAX_TIMED_S = float(env("MAX_TIMED_S", 30))
 PROFILE_STEPS = int(env("PROFILE_STEPS", 0))
 ZERO_STAGE = int(env("ZERO_STAGE", 1))
@@ -122,7 +123,7 @@ class NoDraw:
 def stage_config(stage: str, bf16: bool) -> StageConfig:
     return StageConfig.model_validate(dict(
         name=f"gpu-check-{stage}",
-        model=dict(name="resnet18", num_classes=1000, stem="imagenet"),
+        model=dict(name=MODEL, num_classes=1000, stem="imagenet"),
         data=dict(path="synthetic", batch_size=BATCH),
         optim=dict(epochs=1, warmup_epochs=0),
         policy=dict(stage=stage, k=0.75, ramp_epochs=0),
@@ -161,7 +162,7 @@ def measure(name: str, stage: str, bf16: bool, channels_last: bool) -> dict:
     cfg = stage_config(stage, bf16)
     torch.manual_seed(0)
     if name == "plain":
-        net = ResNet(MODEL_SPECS["resnet18"], num_classes=1000, stem="imagenet", plain=True)
+        net = ResNet(MODEL_SPECS[MODEL], num_classes=1000, stem="imagenet", plain=True)
     else:
         net = cfg.model.build()
         set_stage_precision(net, stage)
@@ -247,13 +248,13 @@ def layout(r: dict) -> str:
 
 summary = {"card": card, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark), "python": platform.python_version(),
-           "model": "resnet18", "resolution": 224, "batch": BATCH, "runs": results}
+           "model": MODEL, "resolution": 224, "batch": BATCH, "runs": results}
 fp32, three = best("fp32"), best("three")
 summary["ratio_three_bf16_over_fp32"] = round(three["images_per_s"] / fp32["images_per_s"], 3)
 for cl in LAYOUTS:
     per = {r["name"]: r for r in results if r["channels_last"] == cl}
     summary[f"ratio_{'channels_last' if cl else 'nchw'}"] = round(per["three"]["images_per_s"] / per["fp32"]["images_per_s"], 3)
-print(f"gpu_check: {card}, resnet18 224x224 batch {BATCH}, torch {torch.__version__}, "
+print(f"gpu_check: {card}, {MODEL} 224x224 batch {BATCH}, torch {torch.__version__}, "
       f"cudnn.benchmark={summary['cudnn_benchmark']}")
 for r in results:
     print(f"gpu_check:   {r['name']:5s} {r['dtype']:8s} {layout(r):13s} {r['images_per_s']:8.1f} images/s "

@@ -302,21 +302,32 @@ def preset_work(path: Path) -> tuple[list[StageWork], dict]:
     return works, facts
 
 
-def throughput_from_gpu_check(path: Path, assumed: dict[str, Throughput]) -> dict[str, Throughput]:
-    """ResNet-18's FP32 and Stage III figures from bench/gpu_check.sh's JSON (each at its faster memory
-    format); every architecture's quantized share becomes the measured one, and the other figures scale by
-    ResNet-18's measured / assumed FP32."""
-    figures = json.loads(path.read_text())
-    if figures.get("card") == "CPU dry run":
-        raise ValueError(f"{path} holds a CPU dry run's figures, which mean nothing; pass the JSON of "
-                         "bench/gpu_check.sh run on a GPU.")
-    best = {}
-    for run in figures["runs"]:
-        best[run["name"]] = max(best.get(run["name"], 0.0), run["images_per_s"])
-    scale = best["fp32"] / assumed["resnet18"].fp32
-    share = best["three"] / best["fp32"]
-    return {arch: Throughput(fp32=t.fp32 * scale, bf16=t.bf16 * scale, quantized_over_fp32=share)
-            for arch, t in assumed.items()}
+def throughput_from_gpu_check(paths: Path | list[Path], assumed: dict[str, Throughput]) -> dict[str, Throughput]:
+    """Measured figures from bench/gpu_check.sh's JSON files, one per architecture (its "model"; each figure
+    at its faster memory format). A measured architecture takes its FP32 and Stage III figures (its bf16
+    figure scales with its FP32 one); every other architecture scales by ResNet-18's measured / assumed FP32
+    (or the first measured one's) and takes that architecture's quantized share."""
+    measured: dict[str, tuple[float, float]] = {}
+    for path in [paths] if isinstance(paths, Path) else paths:
+        figures = json.loads(path.read_text())
+        if figures.get("card") == "CPU dry run":
+            raise ValueError(f"{path} holds a CPU dry run's figures, which mean nothing; pass the JSON of "
+                             "bench/gpu_check.sh run on a GPU.")
+        best: dict[str, float] = {}
+        for run in figures["runs"]:
+            best[run["name"]] = max(best.get(run["name"], 0.0), run["images_per_s"])
+        measured[figures.get("model", "resnet18")] = (best["fp32"], best["three"])
+    reference = "resnet18" if "resnet18" in measured else next(iter(measured))
+    fp32, three = measured[reference]
+    scale, share = fp32 / assumed[reference].fp32, three / fp32
+    result = {}
+    for arch, t in assumed.items():
+        if arch in measured:
+            fp32, three = measured[arch]
+            result[arch] = Throughput(fp32=fp32, bf16=t.bf16 * fp32 / t.fp32, quantized_over_fp32=three / fp32)
+        else:
+            result[arch] = Throughput(fp32=t.fp32 * scale, bf16=t.bf16 * scale, quantized_over_fp32=share)
+    return result
 
 
 # -- report ---------------------------------------------------------------------------------------------------
@@ -345,7 +356,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=list(PRESETS))
     parser.add_argument("--gpus", nargs="+", type=int, default=[8, 32, 128])
-    parser.add_argument("--gpu-check", type=Path, help="bench/gpu_check.sh's JSON: measured ResNet-18 figures")
+    parser.add_argument("--gpu-check", type=Path, nargs="+",
+                        help="bench/gpu_check.sh's JSON files (one per architecture): measured figures")
     defaults = Hardware()
     for name in Hardware.__dataclass_fields__:
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(defaults, name)), default=None)
@@ -363,7 +375,7 @@ def main() -> None:
             throughput = throughput_from_gpu_check(args.gpu_check, ASSUMED_H100)
         except (OSError, ValueError, KeyError) as err:
             parser.error(f"--gpu-check {args.gpu_check}: {err}")
-        source = f"measured ({args.gpu_check})"
+        source = f"measured ({', '.join(str(path) for path in args.gpu_check)})"
     presets = {p: preset_work(configs / f"{p}.yaml") for p in args.presets}
     first = next(iter(presets.values()))[1]
     hw_defaults = {"cores_per_gpu": first["cores_per_worker"]}

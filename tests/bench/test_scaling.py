@@ -176,6 +176,22 @@ def test_gpu_check_figures_replace_the_assumed_ones(scaling, tmp_path):
     assert measured["resnet50"].quantized_over_fp32 == pytest.approx(0.5)
 
 
+def test_each_measured_architecture_keeps_its_own_figures(scaling, tmp_path):
+    """With a JSON per architecture, each measured one takes its own FP32 and Stage III figures; the others
+    still scale by ResNet-18's."""
+    paths = []
+    for model, fp32, three in (("resnet18", 1800.0, 900.0), ("resnet50", 700.0, 560.0)):
+        paths.append(tmp_path / f"{model}.json")
+        paths[-1].write_text(json.dumps({"model": model, "runs": [{"name": "fp32", "images_per_s": fp32},
+                                                                  {"name": "three", "images_per_s": three}]}))
+    assumed = {name: scaling.Throughput(fp32=f, bf16=2 * f, quantized_over_fp32=0.8)
+               for name, f in (("resnet18", 3600.0), ("resnet34", 2000.0), ("resnet50", 1200.0))}
+    measured = scaling.throughput_from_gpu_check(paths, assumed)
+    assert measured["resnet50"].fp32 == pytest.approx(700.0) and measured["resnet50"].quantized == pytest.approx(560.0)
+    assert measured["resnet50"].bf16 == pytest.approx(1400.0)
+    assert measured["resnet34"].fp32 == pytest.approx(1000.0) and measured["resnet34"].quantized_over_fp32 == 0.5
+
+
 def test_a_dry_run_json_is_refused(scaling, tmp_path):
     """A CPU dry run's figures must never stand in for a GPU's."""
     path = tmp_path / "gpu_check.json"
