@@ -2,13 +2,15 @@
 of the loader, the network or the all-reduce limits a training step, and how to set Tune's
 max_concurrent_trials for the Stage III sweep.
 
-    .venv/bin/python bench/scaling.py [--presets imagenet table1_no_tbn ...] [--gpus 8 32 128]
-                                      [--gpu-check runs/gpu_check.json] [--cores-per-gpu 8] ...
+    .venv/bin/python bench/scaling.py [--presets imagenet table1_no_tbn ...] [--gpus 8 32 128] [--workers 2]
+                                      [--gpu-check runs/gpu_check.json ...] [--cores-per-gpu 8] ...
 
 The model (every input is a measured figure or a stated assumption, printed with the tables):
 
 - One training step of a stage on W data-parallel workers, global batch B (the preset's), b = B / W per GPU:
-      network   = b / (GPU images/s at the stage's precision) [+ b / teacher forward images/s] + step floor
+      network   = b / (GPU images/s at the stage's precision) [+ b / teacher forward images/s] + step floor,
+                  or, where the host's time per step is measured, max(b / GPU images/s, host time per step)
+                  [+ the teacher's forward likewise]: the host then sets a floor that no smaller b goes under
       loader    = b / (loader images/s per CPU core * cores per GPU)
       all-reduce= 2 (W-1)/W * gradient bytes / bus bandwidth + 2 (W-1) * latency      (ring; 0 for W = 1)
       step      = max(network, loader) + all-reduce
@@ -51,10 +53,17 @@ class Throughput:
     fp32: float
     bf16: float
     quantized_over_fp32: float
+    # The host's time per training step (Python, kernel launches, the optimizer's per-tensor work), which no
+    # per-GPU batch goes under; 0 = unknown, and Hardware.step_floor_s adds to the GPU time instead.
+    host_step_s_bf16: float = 0.0
+    host_step_s_quantized: float = 0.0
 
     @property
     def quantized(self) -> float:
         return self.fp32 * self.quantized_over_fp32
+
+    def host_step_s(self, precision: str) -> float:
+        return self.host_step_s_bf16 if precision == "bf16" else self.host_step_s_quantized
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,7 @@ class StepTime:
     network_s: float
     loader_s: float
     allreduce_s: float
+    host_bound: bool = False  # the network term is the host's time per step, not the GPU's
 
     @property
     def seconds(self) -> float:
@@ -99,7 +109,8 @@ class StepTime:
 
     @property
     def limit(self) -> str:
-        terms = {"network": self.network_s, "loader": self.loader_s, "all-reduce": self.allreduce_s}
+        terms = {"host" if self.host_bound else "network": self.network_s, "loader": self.loader_s,
+                 "all-reduce": self.allreduce_s}
         return max(terms, key=terms.get)
 
 
@@ -111,15 +122,19 @@ def allreduce_seconds(gradient_bytes: float, workers: int, bus_bytes_per_s: floa
 
 
 def step_time(*, global_batch: int, workers: int, images_per_s: float, parameters: int, hw: Hardware,
-              teacher_forward_images_per_s: float | None = None) -> StepTime:
+              teacher_forward_images_per_s: float | None = None, host_step_s: float = 0.0,
+              teacher_host_s: float = 0.0) -> StepTime:
+    """A known host time per step is a floor (the GPU waits for it whatever its batch), the teacher's
+    forward likewise; else the assumed step floor adds to the GPU time."""
     per_gpu = global_batch / workers
-    network = per_gpu / images_per_s + hw.step_floor_s
+    host_bound = host_step_s > per_gpu / images_per_s
+    network = host_step_s if host_bound else per_gpu / images_per_s + (0.0 if host_step_s else hw.step_floor_s)
     if teacher_forward_images_per_s:
-        network += per_gpu / teacher_forward_images_per_s
+        network += max(per_gpu / teacher_forward_images_per_s, teacher_host_s)
     loader = per_gpu / (hw.loader_images_per_s_per_core * hw.cores_per_gpu)
     bus = (hw.intra_node_bus_GBps if workers <= hw.gpus_per_node else hw.inter_node_bus_GBps) * 1e9
     reduce = allreduce_seconds(parameters * hw.gradient_bytes_per_parameter, workers, bus, hw.latency_s)
-    return StepTime(network, loader, reduce)
+    return StepTime(network, loader, reduce, host_bound)
 
 
 # -- one stage ----------------------------------------------------------------------------------------------
@@ -152,8 +167,10 @@ def stage_seconds(work: StageWork, workers: int, throughput: dict[str, Throughpu
     rate = throughput[work.arch]
     images_per_s = rate.bf16 if work.precision == "bf16" else rate.quantized
     teacher = 3 * throughput[work.teacher].bf16 if work.teacher else None  # a forward is ~1/3 of a step
+    teacher_host = throughput[work.teacher].host_step_s_bf16 / 3 if work.teacher else 0.0
     step = step_time(global_batch=work.global_batch, workers=workers, images_per_s=images_per_s,
-                     parameters=work.parameters, hw=hw, teacher_forward_images_per_s=teacher)
+                     parameters=work.parameters, hw=hw, teacher_forward_images_per_s=teacher,
+                     host_step_s=rate.host_step_s(work.precision), teacher_host_s=teacher_host)
     trained = train_images * (1 - work.holdout_fraction)
     steps_per_epoch = math.ceil(trained / work.global_batch)
     forward_per_gpu = min(3 * images_per_s, hw.loader_images_per_s_per_core * hw.cores_per_gpu)
@@ -302,12 +319,18 @@ def preset_work(path: Path) -> tuple[list[StageWork], dict]:
     return works, facts
 
 
-def throughput_from_gpu_check(paths: Path | list[Path], assumed: dict[str, Throughput]) -> dict[str, Throughput]:
+def throughput_from_gpu_check(paths: Path | list[Path], assumed: dict[str, Throughput],
+                              layers: dict[str, int] | None = None) -> dict[str, Throughput]:
     """Measured figures from bench/gpu_check.sh's JSON files, one per architecture (its "model"; each figure
-    at its faster memory format). A measured architecture takes its FP32 and Stage III figures (its bf16
-    figure scales with its FP32 one); every other architecture scales by ResNet-18's measured / assumed FP32
-    (or the first measured one's) and takes that architecture's quantized share."""
-    measured: dict[str, tuple[float, float]] = {}
+    at its faster memory format).
+
+    A measured architecture takes its FP32 and Stage III images/s (its bf16 figure scales with its FP32 one),
+    and its wall time per step at the measured batch as the host's time per step: the profiled ResNet-18
+    steps kept the GPU busy for about half their wall time, i.e. the GPU waited on the host. Every other
+    architecture scales by ResNet-18's measured / assumed FP32 (or the first measured one's), takes that
+    architecture's quantized share, and its host time per step in proportion to its quantized layers
+    (`layers`, counted by `quantized_layer_counts`; the host's work is per layer)."""
+    measured: dict[str, Throughput] = {}
     for path in [paths] if isinstance(paths, Path) else paths:
         figures = json.loads(path.read_text())
         if figures.get("card") == "CPU dry run":
@@ -316,18 +339,37 @@ def throughput_from_gpu_check(paths: Path | list[Path], assumed: dict[str, Throu
         best: dict[str, float] = {}
         for run in figures["runs"]:
             best[run["name"]] = max(best.get(run["name"], 0.0), run["images_per_s"])
-        measured[figures.get("model", "resnet18")] = (best["fp32"], best["three"])
+        arch, batch = figures.get("model", "resnet18"), figures.get("batch", 0)
+        t = assumed[arch]
+        measured[arch] = Throughput(fp32=best["fp32"], bf16=t.bf16 * best["fp32"] / t.fp32,
+                                    quantized_over_fp32=best["three"] / best["fp32"],
+                                    host_step_s_bf16=batch / best["fp32"], host_step_s_quantized=batch / best["three"])
     reference = "resnet18" if "resnet18" in measured else next(iter(measured))
-    fp32, three = measured[reference]
-    scale, share = fp32 / assumed[reference].fp32, three / fp32
+    ref = measured[reference]
+    scale = ref.fp32 / assumed[reference].fp32
     result = {}
     for arch, t in assumed.items():
         if arch in measured:
-            fp32, three = measured[arch]
-            result[arch] = Throughput(fp32=fp32, bf16=t.bf16 * fp32 / t.fp32, quantized_over_fp32=three / fp32)
-        else:
-            result[arch] = Throughput(fp32=t.fp32 * scale, bf16=t.bf16 * scale, quantized_over_fp32=share)
+            result[arch] = measured[arch]
+            continue
+        per_layer = layers[arch] / layers[reference] if layers else 0.0
+        result[arch] = Throughput(fp32=t.fp32 * scale, bf16=t.bf16 * scale, quantized_over_fp32=ref.quantized_over_fp32,
+                                  host_step_s_bf16=ref.host_step_s_bf16 * per_layer,
+                                  host_step_s_quantized=ref.host_step_s_quantized * per_layer)
     return result
+
+
+def quantized_layer_counts(archs) -> dict[str, int]:
+    """Quantized convolutions and FC of each architecture (ImageNet stem), built on the meta device."""
+    import torch
+
+    import bitmixer_core as core
+    counts = {}
+    for arch in archs:
+        with torch.device("meta"):
+            net = core.build_model(arch, num_classes=1000)
+        counts[arch] = sum(1 for m in net.modules() if isinstance(m, core.QuantizedLayerMixin))
+    return counts
 
 
 # -- report ---------------------------------------------------------------------------------------------------
@@ -340,7 +382,8 @@ def limit_table(throughput: dict[str, Throughput], hw: Hardware, parameters: dic
         for precision in ("bf16", "quantized"):
             rate = throughput[arch].bf16 if precision == "bf16" else throughput[arch].quantized
             for w in widths:
-                s = step_time(global_batch=global_batch, workers=w, images_per_s=rate, parameters=count, hw=hw)
+                s = step_time(global_batch=global_batch, workers=w, images_per_s=rate, parameters=count, hw=hw,
+                              host_step_s=throughput[arch].host_step_s(precision))
                 epoch = math.ceil(IMAGENET_TRAIN_IMAGES / global_batch) * s.seconds
                 lines.append(f"| {arch} | {'FP32 teacher (bf16)' if precision == 'bf16' else 'quantized'} | {w} | "
                              f"{global_batch / w:g} | {s.network_s * 1e3:.1f} | {s.loader_s * 1e3:.1f} | "
@@ -356,6 +399,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=list(PRESETS))
     parser.add_argument("--gpus", nargs="+", type=int, default=[8, 32, 128])
+    parser.add_argument("--workers", type=int, help="GPUs per stage (default: each preset's scaling.num_workers)")
     parser.add_argument("--gpu-check", type=Path, nargs="+",
                         help="bench/gpu_check.sh's JSON files (one per architecture): measured figures")
     defaults = Hardware()
@@ -372,7 +416,8 @@ def main() -> None:
     source = "assumed (no GPU measurement; see docs/scaling.md)"
     if args.gpu_check:
         try:
-            throughput = throughput_from_gpu_check(args.gpu_check, ASSUMED_H100)
+            throughput = throughput_from_gpu_check(args.gpu_check, ASSUMED_H100,
+                                                   quantized_layer_counts(ASSUMED_H100))
         except (OSError, ValueError, KeyError) as err:
             parser.error(f"--gpu-check {args.gpu_check}: {err}")
         source = f"measured ({', '.join(str(path) for path in args.gpu_check)})"
@@ -384,8 +429,10 @@ def main() -> None:
 
     print(f"GPU images/s per GPU: {source}")
     for arch, t in throughput.items():
+        host = (f"  host per step: bf16 {t.host_step_s_bf16 * 1e3:.0f} ms, quantized "
+                f"{t.host_step_s_quantized * 1e3:.0f} ms" if t.host_step_s_quantized else "")
         print(f"  {arch:14s} fp32 {t.fp32:7.0f}  bf16 {t.bf16:7.0f}  quantized {t.quantized:7.0f} "
-              f"({t.quantized_over_fp32:.2f}x fp32)")
+              f"({t.quantized_over_fp32:.2f}x fp32){host}")
     print("hardware: " + ", ".join(f"{k}={v}" for k, v in vars(hw).items()))
     print()
 
@@ -399,14 +446,15 @@ def main() -> None:
     print("\nParameters (all Transitional BN entries and step sizes; 4-byte gradients): "
           + ", ".join(f"{a} {n / 1e6:.2f} M" for a, n in parameters.items()))
 
-    print("\n## Each preset on a cluster (stages of W = the preset's workers each, packed on the GPUs; "
+    per_stage = args.workers or first["workers"]
+    print(f"\n## Each preset on a cluster (stages of W = {per_stage} GPUs each, packed on the GPUs; "
           "or every stage on all GPUs one after another)\n")
-    print("| preset | stages | sweep trials | GPUs | wall, W=8 packed | busy GPU-h | held GPU-h | wall, W=GPUs "
+    print(f"| preset | stages | sweep trials | GPUs | wall, W={per_stage} packed | busy GPU-h | held GPU-h | wall, W=GPUs "
           "| held GPU-h | step limit (share of training time) | max_concurrent_trials (wall if unset) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, (works, facts) in presets.items():
         for gpus in args.gpus:
-            workers = min(facts["workers"], gpus)
+            workers = min(args.workers or facts["workers"], gpus)
             concurrency, packed = best_concurrency(works, workers, gpus, throughput, hw)
             jobs = jobs_for(works, workers, throughput, hw)
             share: dict[str, float] = {}

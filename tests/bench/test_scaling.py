@@ -81,6 +81,19 @@ def test_teacher_forward_and_step_floor_add_to_the_network(scaling):
     assert step.network_s == pytest.approx(0.1 + 0.2 + 0.01)
 
 
+def test_a_measured_host_time_is_a_floor_no_smaller_batch_goes_under(scaling):
+    """With the host's time per step known, the network term is the larger of the GPU's time and the host's
+    (the limit then reads "host"), and the assumed step floor no longer adds."""
+    hw = scaling.Hardware(step_floor_s=0.004)
+    big = scaling.step_time(global_batch=256, workers=1, images_per_s=2000.0, parameters=0, hw=hw, host_step_s=0.05)
+    assert big.network_s == pytest.approx(0.128) and not big.host_bound
+    small = scaling.step_time(global_batch=256, workers=8, images_per_s=2000.0, parameters=0, hw=hw,
+                              host_step_s=0.05)
+    assert small.network_s == pytest.approx(0.05) and small.limit == "host"
+    unknown = scaling.step_time(global_batch=256, workers=8, images_per_s=2000.0, parameters=0, hw=hw)
+    assert unknown.network_s == pytest.approx(0.016 + 0.004) and unknown.limit == "network"
+
+
 def test_bus_bandwidth_switches_to_inter_node_past_one_node(scaling):
     hw = hardware(scaling, intra_node_bus_GBps=100.0, inter_node_bus_GBps=10.0, gpus_per_node=8)
     inside = scaling.step_time(global_batch=64, workers=8, images_per_s=1e9, parameters=10**9, hw=hw)
@@ -182,14 +195,20 @@ def test_each_measured_architecture_keeps_its_own_figures(scaling, tmp_path):
     paths = []
     for model, fp32, three in (("resnet18", 1800.0, 900.0), ("resnet50", 700.0, 560.0)):
         paths.append(tmp_path / f"{model}.json")
-        paths[-1].write_text(json.dumps({"model": model, "runs": [{"name": "fp32", "images_per_s": fp32},
-                                                                  {"name": "three", "images_per_s": three}]}))
+        runs = [{"name": "fp32", "images_per_s": fp32}, {"name": "three", "images_per_s": three}]
+        paths[-1].write_text(json.dumps({"model": model, "batch": 64, "runs": runs}))
     assumed = {name: scaling.Throughput(fp32=f, bf16=2 * f, quantized_over_fp32=0.8)
                for name, f in (("resnet18", 3600.0), ("resnet34", 2000.0), ("resnet50", 1200.0))}
-    measured = scaling.throughput_from_gpu_check(paths, assumed)
+    measured = scaling.throughput_from_gpu_check(paths, assumed, layers={"resnet18": 20, "resnet34": 36,
+                                                                          "resnet50": 53})
     assert measured["resnet50"].fp32 == pytest.approx(700.0) and measured["resnet50"].quantized == pytest.approx(560.0)
     assert measured["resnet50"].bf16 == pytest.approx(1400.0)
     assert measured["resnet34"].fp32 == pytest.approx(1000.0) and measured["resnet34"].quantized_over_fp32 == 0.5
+    # The host's time per step: a measured architecture's wall time per step at its batch (64 here) ...
+    assert measured["resnet50"].host_step_s_quantized == pytest.approx(64 / 560.0)
+    assert measured["resnet18"].host_step_s_bf16 == pytest.approx(64 / 1800.0)
+    # ... and ResNet-18's in proportion to the quantized layers for an unmeasured one.
+    assert measured["resnet34"].host_step_s_quantized == pytest.approx(64 / 900.0 * 36 / 20)
 
 
 def test_a_dry_run_json_is_refused(scaling, tmp_path):

@@ -4,21 +4,9 @@ casts the weights, and a bf16 running average stalls). It runs on CPU here: auto
 same, only slower. A fresh process, since DeepSpeed's process group lives as long as its process."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-from orchestrator.engine.build_cache import torch_extensions_dir
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.engine.engine_process import run_engine_script
 
 TRAIN_IN_BF16 = """
-import json, os
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["TEST_PORT"], RANK="0", LOCAL_RANK="0",
-                  WORLD_SIZE="1")
-import torch, deepspeed
 import bitmixer_core as core
 from orchestrator.engine.config import StageConfig
 from orchestrator.engine.deepspeed_config import deepspeed_config, parameter_groups
@@ -26,7 +14,6 @@ from orchestrator.engine.step import train_step
 from orchestrator.engine.subnets import SubnetSampler, set_stage_precision
 from orchestrator.engine.evaluation import evaluate_stage
 
-deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
 cfg = StageConfig.model_validate(dict(
     name="bf16", model=dict(name="resnet_tiny", num_classes=10, stem="small"),
     data=dict(path="/unused", batch_size=16), optim=dict(epochs=1, warmup_epochs=0),
@@ -61,12 +48,7 @@ print(json.dumps({
 
 
 def test_a_gpu_stage_autocasts_to_bf16_and_keeps_float32_weights_and_statistics():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "TEST_PORT": "29561",
-           "TORCH_EXTENSIONS_DIR": torch_extensions_dir()}
-    out = subprocess.run([sys.executable, "-c", TRAIN_IN_BF16], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    seen = run_engine_script(TRAIN_IN_BF16, port=29561)
     assert seen["losses_finite"]
     assert seen["conv_outputs"] == ["torch.bfloat16"]  # the forward ran in bf16 (training and evaluation)
     assert seen["parameters"] == ["torch.float32"]
