@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MODES = ("transitional", "per_bit", "shared")
+ENTRY_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")  # one row per entry
 
 
 def batch_norm_float32(x: torch.Tensor, running_mean, running_var, weight, bias, training: bool, momentum: float,
@@ -134,8 +135,7 @@ class TransitionalBatchNorm2d(nn.Module):
         return len(self.entry_keys)
 
     def entry(self, index: int) -> BatchNormEntry:
-        return BatchNormEntry(self.weight[index], self.bias[index], self.running_mean[index],
-                              self.running_var[index], self.num_batches_tracked[index])
+        return BatchNormEntry(*(getattr(self, name)[index] for name in ENTRY_TENSORS))
 
     @property
     def entries(self) -> list[BatchNormEntry]:
@@ -148,8 +148,8 @@ class TransitionalBatchNorm2d(nn.Module):
     @torch.no_grad()
     def copy_entry(self, source: int, target: int) -> None:
         """Entry `target` takes entry `source`'s parameters and statistics."""
-        for tensor in (self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked):
-            tensor[target] = tensor[source]
+        for name in ENTRY_TENSORS:
+            getattr(self, name)[target] = getattr(self, name)[source]
 
     @torch.no_grad()
     def reset_running_stats(self) -> None:
@@ -219,7 +219,7 @@ def _stack_entry_modules(module, state_dict, prefix, *args) -> None:
     old = f"{prefix}entries."
     if not any(key.startswith(old) for key in state_dict):
         return
-    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+    for name in ENTRY_TENSORS:
         keys = [f"{old}{k}.{name}" for k in range(len(module.entry_keys))]
         if all(key in state_dict for key in keys):
             state_dict[prefix + name] = torch.stack([state_dict.pop(key) for key in keys])
@@ -270,5 +270,5 @@ def load_across_bn_modes(target: nn.Module, source: nn.Module) -> None:
             uniform = [p for p in pairs if p[0] == p[1]]
             pair = max(uniform) if uniform else pairs[-1]  # shared: (max, max); a fixed side: its last pair
             source = src._lookup[pair]
-            for kind in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            for kind in ENTRY_TENSORS:
                 getattr(bn, kind)[index] = getattr(src, kind)[source]
