@@ -419,7 +419,7 @@ def main() -> None:
             throughput = throughput_from_gpu_check(args.gpu_check, ASSUMED_H100,
                                                    quantized_layer_counts(ASSUMED_H100))
         except (OSError, ValueError, KeyError) as err:
-            parser.error(f"--gpu-check {args.gpu_check}: {err}")
+            parser.error(f"--gpu-check {' '.join(str(path) for path in args.gpu_check)}: {err}")
         source = f"measured ({', '.join(str(path) for path in args.gpu_check)})"
     presets = {p: preset_work(configs / f"{p}.yaml") for p in args.presets}
     first = next(iter(presets.values()))[1]
