@@ -133,8 +133,9 @@ def stage_config(stage: str, bf16: bool) -> StageConfig:
     ))
 
 
-def profile(name, engine, images, labels, sampler, cfg, dtype, start: int) -> None:
-    """PROFILE_STEPS more steps under torch.profiler: whether the step waits on the GPU or on Python."""
+def profile(name, engine, images, labels, sampler, cfg, dtype, start: int) -> dict:
+    """PROFILE_STEPS more steps under torch.profiler: whether the step waits on the GPU or on Python. Returns the
+    per-step figures (bench/scaling.py reads gpu_busy_ms to tell a host-bound step from a GPU-bound one)."""
     from torch.profiler import ProfilerActivity
     activities = [ProfilerActivity.CPU] + ([] if DRY_RUN else [ProfilerActivity.CUDA])
     synchronize()
@@ -156,6 +157,8 @@ def profile(name, engine, images, labels, sampler, cfg, dtype, start: int) -> No
     print(events.table(sort_by=key, row_limit=12, max_name_column_width=48), flush=True)
     if not DRY_RUN:
         print(events.table(sort_by="count", row_limit=12, max_name_column_width=48), flush=True)
+    return {"wall_ms_profiled": round(wall_ms, 1), "gpu_busy_ms": round(busy_ms, 1), "aten_ops": round(ops),
+            "kernel_launches": round(launches)}
 
 
 def measure(name: str, stage: str, bf16: bool, channels_last: bool) -> dict:
@@ -207,8 +210,7 @@ def measure(name: str, stage: str, bf16: bool, channels_last: bool) -> dict:
                 break
     synchronize()
     elapsed = time.perf_counter() - started
-    if PROFILE_STEPS:
-        profile(name, engine, images, labels, sampler, cfg, dtype, start=total)
+    profiled = profile(name, engine, images, labels, sampler, cfg, dtype, start=total) if PROFILE_STEPS else None
     if logits_dtypes != {dtype}:
         sys.exit(f"gpu_check: the {name} engine computed its logits in {logits_dtypes}, expected {dtype}.")
     if stage == "three" and len(seen) < 2:
@@ -221,6 +223,8 @@ def measure(name: str, stage: str, bf16: bool, channels_last: bool) -> dict:
               "seconds": round(elapsed, 2), "images_per_s": round(timed * BATCH / elapsed, 1),
               "distinct_subnets": len(seen), "last_loss": round(loss_sum / count, 4),
               "peak_memory_gib": 0.0 if DRY_RUN else round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    if profiled:
+        result["profile"] = profiled
     print("gpu_check:", json.dumps(result), flush=True)
     del engine, net
     if not DRY_RUN:

@@ -325,8 +325,8 @@ def throughput_from_gpu_check(paths: Path | list[Path], assumed: dict[str, Throu
     at its faster memory format).
 
     A measured architecture takes its FP32 and Stage III images/s (its bf16 figure scales with its FP32 one),
-    and its wall time per step at the measured batch as the host's time per step: the profiled ResNet-18
-    steps kept the GPU busy for about half their wall time, i.e. the GPU waited on the host. Every other
+    and its wall time per step at the measured batch as the host's time per step (`host_step_s`): the
+    profiled ResNet-18 steps kept the GPU busy for about half their wall time, i.e. the GPU waited on the host. Every other
     architecture scales by ResNet-18's measured / assumed FP32 (or the first measured one's), takes that
     architecture's quantized share, and its host time per step in proportion to its quantized layers
     (`layers`, counted by `quantized_layer_counts`; the host's work is per layer)."""
@@ -336,14 +336,15 @@ def throughput_from_gpu_check(paths: Path | list[Path], assumed: dict[str, Throu
         if figures.get("card") == "CPU dry run":
             raise ValueError(f"{path} holds a CPU dry run's figures, which mean nothing; pass the JSON of "
                              "bench/gpu_check.sh run on a GPU.")
-        best: dict[str, float] = {}
+        best: dict[str, dict] = {}
         for run in figures["runs"]:
-            best[run["name"]] = max(best.get(run["name"], 0.0), run["images_per_s"])
+            if run["images_per_s"] > best.get(run["name"], {}).get("images_per_s", 0.0):
+                best[run["name"]] = run
         arch, batch = figures.get("model", "resnet18"), figures.get("batch", 0)
-        t = assumed[arch]
-        measured[arch] = Throughput(fp32=best["fp32"], bf16=t.bf16 * best["fp32"] / t.fp32,
-                                    quantized_over_fp32=best["three"] / best["fp32"],
-                                    host_step_s_bf16=batch / best["fp32"], host_step_s_quantized=batch / best["three"])
+        t, fp32, three = assumed[arch], best["fp32"]["images_per_s"], best["three"]["images_per_s"]
+        measured[arch] = Throughput(fp32=fp32, bf16=t.bf16 * fp32 / t.fp32, quantized_over_fp32=three / fp32,
+                                    host_step_s_bf16=host_step_s(best["fp32"], batch),
+                                    host_step_s_quantized=host_step_s(best["three"], batch))
     reference = "resnet18" if "resnet18" in measured else next(iter(measured))
     ref = measured[reference]
     scale = ref.fp32 / assumed[reference].fp32
@@ -357,6 +358,16 @@ def throughput_from_gpu_check(paths: Path | list[Path], assumed: dict[str, Throu
                                   host_step_s_bf16=ref.host_step_s_bf16 * per_layer,
                                   host_step_s_quantized=ref.host_step_s_quantized * per_layer)
     return result
+
+
+def host_step_s(run: dict, batch: int) -> float:
+    """The host's time per step from one gpu_check run: its wall time per step, unless its profile (PROFILE_STEPS)
+    shows the GPU busy for most of the step (then the GPU sets the pace and the host's share is unknown: 0)."""
+    wall_s = batch / run["images_per_s"]
+    busy_ms = run.get("profile", {}).get("gpu_busy_ms")
+    if busy_ms is not None and busy_ms / 1e3 >= 0.8 * wall_s:
+        return 0.0
+    return wall_s
 
 
 def quantized_layer_counts(archs) -> dict[str, int]:

@@ -211,6 +211,14 @@ def test_each_measured_architecture_keeps_its_own_figures(scaling, tmp_path):
     assert measured["resnet34"].host_step_s_quantized == pytest.approx(64 / 900.0 * 36 / 20)
 
 
+def test_a_profile_that_shows_the_gpu_busy_gives_no_host_floor(scaling):
+    """A run whose profile has the GPU busy for most of the step is GPU-bound: its wall time is no host floor."""
+    run = {"images_per_s": 1000.0}  # 64 images: 64 ms a step
+    assert scaling.host_step_s(run, 64) == pytest.approx(0.064)
+    assert scaling.host_step_s({**run, "profile": {"gpu_busy_ms": 30.0}}, 64) == pytest.approx(0.064)
+    assert scaling.host_step_s({**run, "profile": {"gpu_busy_ms": 60.0}}, 64) == 0.0
+
+
 def test_a_dry_run_json_is_refused(scaling, tmp_path):
     """A CPU dry run's figures must never stand in for a GPU's."""
     path = tmp_path / "gpu_check.json"
