@@ -87,6 +87,7 @@ import bitmixer_core as core
 from bitmixer_core.models import MODEL_SPECS, ResNet
 from orchestrator.engine.config import StageConfig
 from orchestrator.engine.deepspeed_config import deepspeed_config, parameter_groups
+from orchestrator.engine.precision import compute_dtype
 from orchestrator.engine.schedule import warmup_cosine
 from orchestrator.engine.step import train_step
 from orchestrator.engine.subnets import SubnetSampler, set_stage_precision
@@ -184,7 +185,7 @@ def measure(name: str, stage: str, bf16: bool, channels_last: bool) -> dict:
         model=net, model_parameters=parameter_groups(net), config=ds_config,
         lr_scheduler=lambda opt: warmup_cosine(opt, total_steps=total, warmup_steps=0, lr_peak=cfg.optim.lr_peak),
         dist_init_required=False)
-    dtype = torch.bfloat16 if ds_config["torch_autocast"]["enabled"] else torch.float32
+    dtype = compute_dtype(ds_config)
     weight_dtypes = {p.dtype for p in engine.module.parameters()}
     if weight_dtypes != {torch.float32}:
         sys.exit(f"gpu_check: the {name} engine holds {weight_dtypes} weights, expected float32.")

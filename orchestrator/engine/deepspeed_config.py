@@ -31,7 +31,7 @@ def deepspeed_config(cfg: StageConfig, *, world_size: int, use_gpu: bool) -> dic
         },
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         "bf16": {"enabled": False},
-        "torch_autocast": {"enabled": autocast_bf16(cfg, use_gpu=use_gpu), "dtype": "bfloat16"},
+        "torch_autocast": {"enabled": bool(use_gpu and cfg.deepspeed.bf16_on_gpu), "dtype": "bfloat16"},
         "fp16": {"enabled": False},
         "steps_per_print": 10**9,  # progress is ours: one line per epoch
         "wall_clock_breakdown": False,
@@ -39,11 +39,6 @@ def deepspeed_config(cfg: StageConfig, *, world_size: int, use_gpu: bool) -> dic
     if cfg.deepspeed.gradient_clipping > 0:
         config["gradient_clipping"] = cfg.deepspeed.gradient_clipping
     return config
-
-
-def autocast_bf16(cfg: StageConfig, *, use_gpu: bool) -> bool:
-    """Whether the stage computes in bf16 (torch autocast): on GPU, when the config asks for it."""
-    return bool(use_gpu and cfg.deepspeed.bf16_on_gpu)
 
 
 def parameter_groups(net) -> list[dict]:

@@ -14,3 +14,8 @@ def compute_precision(device: torch.device | str, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def compute_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype a stage computes in, from its DeepSpeed config: bf16 under autocast, else float32."""
+    return torch.bfloat16 if ds_config["torch_autocast"]["enabled"] else torch.float32

@@ -192,6 +192,7 @@ class StageWorker:
         import bitmixer_core as core
         from orchestrator.data.loaders import build_loaders
         from orchestrator.engine.deepspeed_config import deepspeed_config, parameter_groups
+        from orchestrator.engine.precision import compute_dtype
         from orchestrator.engine.schedule import warmup_cosine
         from orchestrator.engine.subnets import SubnetSampler
         cfg = self.cfg
@@ -217,8 +218,7 @@ class StageWorker:
             lr_scheduler=lambda opt: warmup_cosine(opt, total_steps=total_steps, warmup_steps=warmup_steps,
                                                    lr_peak=cfg.optim.lr_peak, lr_final=cfg.optim.lr_final),
             dist_init_required=False)
-        # The compute dtype: bf16 under autocast (the engine's forward; the teacher and evaluation follow it).
-        self.dtype = torch.bfloat16 if ds_config["torch_autocast"]["enabled"] else torch.float32
+        self.dtype = compute_dtype(ds_config)  # the engine's forward; the teacher and evaluation follow it
         self.teacher = _load_teacher(cfg, self.device)
         self.sampler = SubnetSampler(self.engine.module, cfg.policy, cfg.model, cfg.seed)
         if self.resume is not None:
