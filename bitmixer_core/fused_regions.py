@@ -16,8 +16,8 @@ needed). Only training steps with gradients run compiled (evaluation and calibra
 where the eager result is the same function: float32, an unsigned floor quantizer with one step size per
 bit-width (the default), Transitional BNs with a momentum; anything else falls back to the eager layers.
 
-The gradients are the eager quantizer's (quantizer._LinearQuantize): straight-through strictly inside
-(lo * alpha, hi * alpha), for alpha (g . q - (g [inside]) . x) / alpha times LSQ's scale. Inductor orders float
+The gradients are the eager quantizer's (quantizer._LinearQuantize): straight-through where v = x / alpha is
+strictly inside (lo, hi), for alpha g . q / alpha - (g [inside]) . v times LSQ's scale. Inductor orders float
 operations its own way (BN's statistics above all), so the results agree with the eager path to rounding,
 and floor() can flip where the eager pre-floor value lies within a few ulps of an integer
 (tests/core/test_fused_regions.py). Not for double backward (the Hessian search runs eagerly, in eval mode).
@@ -45,9 +45,10 @@ class _RegionQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, alpha, out, lo, hi, scale = ctx.saved_tensors
-        inside = (x > lo * alpha) & (x < hi * alpha)
+        v = x / alpha
+        inside = (v > lo) & (v < hi)
         grad_x = torch.where(inside, grad, grad.new_zeros(()))
-        grad_alpha = ((grad * out).sum() - (grad_x * x).sum()) / alpha * scale
+        grad_alpha = ((grad * out).sum() / alpha - (grad_x * v).sum()) * scale
         return grad_x, grad_alpha.reshape(alpha.shape), None, None, None
 
 

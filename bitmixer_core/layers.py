@@ -4,10 +4,13 @@ Each layer quantizes its weights and its input activations to the bit-width curr
 one learnable step size per bit-width, separately for weights (`weight_step_size`) and activations
 (`activation_step_size`). Switching bit-width only changes a Python integer: nothing is allocated.
 
-The step sizes are learned as their logarithms (`log_weight_step_size`, `log_activation_step_size`), so
-alpha = exp(theta) > 0 at every bit-width whatever the optimizer does: with Adam each step moves a
-parameter by about the learning rate, which is larger than a small alpha itself, and a plain alpha was
-seen to cross zero. Training code gives these no weight decay (`step_size_parameters`).
+The step sizes are learned as their logarithms, so alpha = exp(theta) > 0 at every bit-width whatever the
+optimizer does: with Adam each step moves a parameter by about the learning rate, which is larger than a
+small alpha itself, and a plain alpha was seen to cross zero. Training code gives these no weight decay
+(`step_size_parameters`). Both kinds are one parameter, `log_step_size` (row 0 the weights', row 1 the
+activations'; `log_weight_step_size` and `log_activation_step_size` are views of its rows): a training step
+pays the optimizer and DeepSpeed's gradient hooks per parameter tensor, so one tensor per layer rather than two
+takes ResNet-18 from 100 tensors to 81. Checkpoints with the two separate parameters still load.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bitwidths import BitWidths
-from .quantizer import QuantizerOptions, fitted_step_size, quantize, quantize_nested
+from .quantizer import QuantizerOptions, fitted_step_size, quantize_log_step, quantize_nested
+
+STEP_SIZE_KINDS = ("weight", "activation")  # the rows of a layer's `log_step_size`
 
 
 class QuantizedLayerMixin:
@@ -34,8 +39,8 @@ class QuantizedLayerMixin:
         self.quantize_activations = True
         self._bit_index = len(self.bit_widths) - 1  # start at the largest bit-width
         n = len(self.bit_widths)
-        self.log_weight_step_size = nn.Parameter(torch.zeros(n))
-        self.log_activation_step_size = nn.Parameter(torch.zeros(n))
+        self.log_step_size = nn.Parameter(torch.zeros(len(STEP_SIZE_KINDS), n))
+        self.register_load_state_dict_pre_hook(_stack_step_sizes)
         # Which activation step sizes hold a data-driven value (saved, so a resumed run does not re-init).
         self.register_buffer("activation_step_initialized", torch.zeros(n, dtype=torch.bool))
         self._activation_steps_ready = False  # Python cache of activation_step_initialized.all()
@@ -61,6 +66,16 @@ class QuantizedLayerMixin:
 
     # -- step sizes ------------------------------------------------------------------------------
     @property
+    def log_weight_step_size(self) -> torch.Tensor:
+        """log alpha of the weights, one per bit-width (a view of `log_step_size`'s row)."""
+        return self.log_step_size[0]
+
+    @property
+    def log_activation_step_size(self) -> torch.Tensor:
+        """log alpha of the input activations, one per bit-width (a view of `log_step_size`'s row)."""
+        return self.log_step_size[1]
+
+    @property
     def weight_step_size(self) -> torch.Tensor:
         """alpha of the weights, one per bit-width (always positive)."""
         return self.log_weight_step_size.exp()
@@ -74,7 +89,7 @@ class QuantizedLayerMixin:
     def set_step_size(self, kind: str, rank: int, alpha: torch.Tensor | float) -> None:
         """Set alpha of `kind` ("weight" or "activation") at bit-width rank `rank` (stored as its log)."""
         value = torch.as_tensor(alpha, dtype=torch.float32).clamp_min(1e-12).log()
-        getattr(self, f"log_{kind}_step_size")[rank] = value
+        self.log_step_size[STEP_SIZE_KINDS.index(kind), rank] = value
 
     @torch.no_grad()
     def reset_weight_step_sizes(self) -> None:
@@ -103,15 +118,15 @@ class QuantizedLayerMixin:
         self._activation_steps_ready = bool(self.activation_step_initialized.all())
 
     # -- quantization ----------------------------------------------------------------------------
-    def _quantize(self, x: torch.Tensor, log_steps: torch.Tensor, bit_set: tuple[int, ...], numel: int,
+    def _quantize(self, x: torch.Tensor, kind: int, bit_set: tuple[int, ...], numel: int,
                   signed: bool = True) -> torch.Tensor:
         q = self.quantizer
         bits = bit_set[self._bit_index]
         if q.nesting == "clip":  # Eq. 3-4: the largest bit-width's alpha, shared by every bit-width
-            return quantize_nested(x, log_steps[-1].exp(), bits, bit_set[-1], rounding=q.rounding,
+            return quantize_nested(x, self.log_step_size[kind, -1].exp(), bits, bit_set[-1], rounding=q.rounding,
                                    symmetric=q.symmetric, signed=signed, gradient_numel=numel)
-        return quantize(x, log_steps[self._bit_index].exp(), bits, rounding=q.rounding, symmetric=q.symmetric,
-                        signed=signed, gradient_numel=numel)
+        return quantize_log_step(x, self.log_step_size, (kind, self._bit_index), bits, rounding=q.rounding,
+                                 symmetric=q.symmetric, signed=signed, gradient_numel=numel)
 
     def rectifies_input(self) -> bool:
         """Whether this layer's forward and backward treat every negative input exactly as 0, so that a ReLU
@@ -132,13 +147,13 @@ class QuantizedLayerMixin:
         if self._calibrating or (self.training and not self._activation_steps_ready):
             self._initialise_activation_step(x)  # LSQ init from the first batch seen in training
         # LSQ's N for activations: features per sample.
-        return self._quantize(x, self.log_activation_step_size, self.bit_widths.activations, x[0].numel(),
+        return self._quantize(x, 1, self.bit_widths.activations, x.numel() // len(x),
                               signed=self.signed_input)
 
     def quantized_weight(self) -> torch.Tensor:
         if not self.quantize_weights:
             return self.weight  # Stage I: real-valued weights
-        return self._quantize(self.weight, self.log_weight_step_size, self.bit_widths.weights, self.weight.numel())
+        return self._quantize(self.weight, 0, self.bit_widths.weights, self.weight.numel())
 
     def quantization_repr(self) -> str:
         kind = "switchable" if self.switchable else "fixed"
@@ -148,6 +163,14 @@ class QuantizedLayerMixin:
 
 def _forget_ready_cache(module, incompatible_keys) -> None:
     module._activation_steps_ready = False
+
+
+def _stack_step_sizes(module, state_dict, prefix, *args) -> None:
+    """Load a checkpoint written with two step-size parameters (`log_weight_step_size`,
+    `log_activation_step_size`): stack them as the rows of `log_step_size`."""
+    keys = [f"{prefix}log_{kind}_step_size" for kind in STEP_SIZE_KINDS]
+    if all(key in state_dict for key in keys):
+        state_dict[f"{prefix}log_step_size"] = torch.stack([state_dict.pop(key) for key in keys])
 
 
 class QConv2d(QuantizedLayerMixin, nn.Conv2d):
@@ -188,5 +211,4 @@ def set_reference_path(model: nn.Module, reference: bool = True) -> None:
 def step_size_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every learned (log) step size of the model: training gives them no weight decay, which would pull
     log alpha towards 0, i.e. alpha towards 1."""
-    return [p for m in model.modules() if isinstance(m, QuantizedLayerMixin)
-            for p in (m.log_weight_step_size, m.log_activation_step_size)]
+    return [m.log_step_size for m in model.modules() if isinstance(m, QuantizedLayerMixin)]

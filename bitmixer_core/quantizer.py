@@ -24,6 +24,7 @@ Decisions written down here because the paper leaves them open:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -109,47 +110,65 @@ def fitted_step_size(x: torch.Tensor, bits: int, *, signed: bool = True, symmetr
 
 
 class _LinearQuantize(torch.autograd.Function):
-    """Eq. 2 with its LSQ gradients in one autograd node: the same maths as the chain
-    grad_scale -> clamp -> floor_pass / round_pass / sign_pass -> * alpha, in a few passes over memory
-    (the chain costs ~13 activation-sized passes per step, this ~6; see bench/train_step.py).
+    """Eq. 2 with its LSQ gradients as one autograd node, alpha read from a tensor of step sizes: alpha =
+    steps[index], or exp(steps[index]) where it holds log step sizes (the layers' parametrisation).
 
-    Backward uses  dq/dx = 1 strictly inside (lo, hi), else 0  and, since q = alpha * q'(v),
-        sum_i g_i dq_i/dalpha = sum_i g_i (q'(v_i) - v_i [inside]) = (g . q - (g [inside]) . x) / alpha,
-    i.e. two dot products with tensors that exist anyway (the output is also what the conv saves).
-    At exactly a clip edge the value is the bound, so the edge counts as outside (gradient 0 for x)."""
+    One node rather than the chain select -> exp -> grad_scale -> clamp -> floor_pass / round_pass / sign_pass
+    -> * alpha: a training step pays about 11 kernel launches per quantizer instead of ~23, and on a GPU the
+    step waits on the host's launches (docs/benchmarks.md, "GPU"). With v = x / alpha (saved) and out =
+    alpha q'(clip(v, lo, hi)) (which the conv saves anyway), backward is
+        dq/dx = 1 strictly inside (lo, hi), else 0: hardtanh's backward on v with the integer bounds, one kernel
+                that never reads alpha on the host, whatever its sign (an exact edge is the bound: outside);
+        sum_i g_i dq_i/dalpha = sum_i g_i (q'(v_i) - v_i [inside]) + g_i bound [outside]
+                              = g . out / alpha - (g [inside]) . v,
+        and for log alpha (d alpha = alpha d log alpha): g . out - alpha (g [inside]) . v,
+    times LSQ's gradient scale, at the index's place in the step-size tensor's gradient."""
 
     @staticmethod
-    def forward(ctx, x, alpha, lo: int, hi: int, rounding: str, scale: float):
-        v = torch.div(x, alpha).clamp_(lo, hi)
-        out = _levels_(v, rounding).mul_(alpha)
-        ctx.save_for_backward(x, alpha, out)
+    def forward(ctx, x, steps, index, log_domain: bool, lo: int, hi: int, rounding: str, scale: float):
+        alpha = steps[index].exp() if log_domain else steps[index]
+        v = torch.div(x, alpha)
+        out = _levels_(v.clamp(lo, hi), rounding).mul_(alpha)
+        ctx.save_for_backward(v, alpha, out)
+        ctx.index, ctx.steps, ctx.log_domain = index, tuple(steps.shape), log_domain
         ctx.lo, ctx.hi, ctx.scale = lo, hi, scale
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, alpha, out = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_x = _straight_through(grad, x, alpha, ctx.lo, ctx.hi)
-        grad_alpha = None
+        v, alpha, out = ctx.saved_tensors
+        grad_x = torch.ops.aten.hardtanh_backward(grad, v, ctx.lo, ctx.hi)
+        grad_steps = None
         if ctx.needs_input_grad[1]:
-            g_dot_q = torch.dot(grad.reshape(-1), out.reshape(-1))
-            gx_dot_x = torch.dot(grad_x.reshape(-1), x.reshape(-1))
-            grad_alpha = ((g_dot_q - gx_dot_x) / alpha * ctx.scale).reshape(alpha.shape)
-        return (grad_x if ctx.needs_input_grad[0] else None), grad_alpha, None, None, None, None
+            g_dot_q, inside_dot_v = _dot(grad, out), _dot(grad_x, v)
+            if ctx.log_domain:
+                grad_step = torch.addcmul(g_dot_q, alpha, inside_dot_v, value=-1.0)
+            else:
+                grad_step = g_dot_q / alpha - inside_dot_v
+            grad_steps = grad_step * _scaled_unit(ctx.steps, ctx.index, ctx.scale, alpha)
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_steps, None, None, None, None, None, None
 
 
-def _straight_through(grad: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, lo: int, hi: int,
-                      fused: bool | None = None) -> torch.Tensor:
-    """grad where lo < x/alpha < hi, else 0. On CPU one fused kernel (hardtanh's backward, which needs the
-    bounds as numbers); elsewhere a mask, so that reading alpha never synchronises an accelerator."""
-    # The layers keep alpha positive (learned as log alpha); min/max keep a caller's negative alpha right too.
-    if x.device.type == "cpu" if fused is None else fused:
-        a = float(alpha.detach())
-        return torch.ops.aten.hardtanh_backward(grad, x.contiguous(), min(lo * a, hi * a), max(lo * a, hi * a))
-    ends = torch.stack([lo * alpha, hi * alpha])
-    inside = (x > ends.min()) & (x < ends.max())
-    return torch.where(inside, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a . b over every element; two channels-last tensors are read in their memory order (no copy)."""
+    if a.dim() == 4 and not a.is_contiguous() and a.is_contiguous(memory_format=torch.channels_last) \
+            and b.is_contiguous(memory_format=torch.channels_last):
+        a, b = a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1)
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+_SCALED_UNITS: dict[tuple, torch.Tensor] = {}
+
+
+def _scaled_unit(shape: tuple[int, ...], index, scale: float, like: torch.Tensor) -> torch.Tensor:
+    """A tensor of `shape`, `scale` at `index` and 0 elsewhere, on like's device and dtype, made once per layer
+    setting: placing a step size's scaled gradient in its tensor's gradient is then one multiplication."""
+    key = (shape, index, scale, like.device, like.dtype)
+    unit = _SCALED_UNITS.get(key)
+    if unit is None:
+        unit = _SCALED_UNITS[key] = torch.zeros(shape, device=like.device, dtype=like.dtype)
+        unit[index] = scale
+    return unit
 
 
 def _levels_(v: torch.Tensor, rounding: str) -> torch.Tensor:
@@ -185,12 +204,37 @@ def quantize(
     (right for weights); layers pass the per-sample feature count for activations. signed=False is the
     range [0, 2**b - 1] for inputs that are never negative.
     """
+    numel = x.numel() if gradient_numel is None else gradient_numel
+    return _LinearQuantize.apply(x, alpha.reshape(1), 0, False, *_eq2_constants(bits, rounding, symmetric, signed, numel))
+
+
+def quantize_log_step(
+    x: torch.Tensor,
+    log_step_sizes: torch.Tensor,
+    index: int | tuple[int, ...],
+    bits: int,
+    *,
+    rounding: str = "floor",
+    symmetric: bool = True,
+    signed: bool = True,
+    gradient_numel: int | None = None,
+) -> torch.Tensor:
+    """`quantize` with alpha = exp(log_step_sizes[index]), the layers' parametrisation of their step sizes;
+    the gradient reaches the log step sizes in the same autograd node (the same values as quantize(x,
+    log_step_sizes[index].exp(), ...), to rounding)."""
+    numel = x.numel() if gradient_numel is None else gradient_numel
+    return _LinearQuantize.apply(x, log_step_sizes, index, True,
+                                 *_eq2_constants(bits, rounding, symmetric, signed, numel))
+
+
+@functools.lru_cache(maxsize=4096, typed=True)
+def _eq2_constants(bits: int, rounding: str, symmetric: bool, signed: bool, numel: int):
+    """(lo, hi, q', LSQ's gradient scale) of a b-bit quantizer, checked and computed once per layer setting."""
     _check_bits(bits)
     _check_rounding(rounding)
-    numel = x.numel() if gradient_numel is None else gradient_numel
     lo, hi = integer_range(bits, symmetric, signed)
     q_prime = "sign" if bits == 1 and signed else rounding
-    return _LinearQuantize.apply(x, alpha, lo, hi, q_prime, lsq_gradient_scale(numel, bits, signed))
+    return lo, hi, q_prime, lsq_gradient_scale(numel, bits, signed)
 
 
 def quantize_nested(

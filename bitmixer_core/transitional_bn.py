@@ -204,7 +204,7 @@ class TransitionalBatchNorm2d(nn.Module):
         k = self._active
         factor = self.momentum
         if self.training:
-            self.num_batches_tracked[k] += 1
+            self.num_batches_tracked[k].add_(1)  # in place on the row's view (`t[k] += 1` would copy it back too)
             if self.momentum is None:  # a cumulative average, as nn.BatchNorm2d's momentum=None
                 factor = 1.0 / float(self.num_batches_tracked[k])
         return batch_norm_float32(x, self.running_mean[k], self.running_var[k], self.weight[k], self.bias[k],

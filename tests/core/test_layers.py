@@ -25,14 +25,32 @@ def test_bitwidths_are_validated():
 
 
 def test_step_sizes_are_parameters_one_per_bit_width_initialised_from_weights():
-    """The step sizes are learned as log alpha, one entry per bit-width; weight ones start at the
-    least-squares fit of the quantizer to the weights (fitted_step_size) at construction."""
+    """The step sizes are learned as log alpha, one entry per bit-width, weights' and activations' as the two
+    rows of one parameter; weight ones start at the least-squares fit of the quantizer to the weights
+    (fitted_step_size) at construction."""
     layer = QConv2d(4, 8, 3, padding=1, bits=BitWidths(weights=(1, 3, 4), activations=(2, 3, 4)))
     names = dict(layer.named_parameters())
-    assert names["log_weight_step_size"].shape == (3,) and names["log_activation_step_size"].shape == (3,)
+    assert set(names) == {"weight", "log_step_size"} and names["log_step_size"].shape == (2, 3)
+    assert layer.log_weight_step_size.data_ptr() == names["log_step_size"][0].data_ptr()
+    assert layer.log_activation_step_size.data_ptr() == names["log_step_size"][1].data_ptr()
     expected = [fitted_step_size(layer.weight, b).item() for b in (1, 3, 4)]
     assert layer.weight_step_size.tolist() == pytest.approx(expected, rel=1e-5)
     assert all(a > 0 for a in expected)
+
+
+def test_a_checkpoint_with_separate_weight_and_activation_step_sizes_loads():
+    """A state dict written before the step sizes were stacked (two parameters per layer) loads into the rows
+    of log_step_size, and the layer quantizes with those values."""
+    layer = QConv2d(4, 8, 3, padding=1, bits=BitWidths(weights=(2, 3, 4), activations=(2, 3, 4)))
+    old = {k: v for k, v in layer.state_dict().items() if k != "log_step_size"}
+    old["log_weight_step_size"] = torch.tensor([-1.0, -2.0, -3.0])
+    old["log_activation_step_size"] = torch.tensor([0.5, 0.25, 0.125])
+    layer.load_state_dict(old)
+    assert layer.log_weight_step_size.tolist() == [-1.0, -2.0, -3.0]
+    assert layer.log_activation_step_size.tolist() == [0.5, 0.25, 0.125]
+    layer.set_bit_width(3)
+    levels = layer.quantized_weight().detach() / math.exp(-2.0)
+    torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-5)
 
 
 def test_activation_step_initialised_from_first_training_batch_only():
@@ -74,8 +92,8 @@ def test_stage_one_leaves_weights_real(tiny):
     _, layer = quantized_layers(model)[0]
     assert layer.quantized_weight() is layer.weight
     model(images).sum().backward()
-    assert layer.log_weight_step_size.grad is None or not layer.log_weight_step_size.grad.any()
-    assert layer.log_activation_step_size.grad is not None and layer.log_activation_step_size.grad.abs().sum() > 0
+    weight_grad, activation_grad = layer.log_step_size.grad
+    assert not weight_grad.any() and activation_grad.abs().sum() > 0
     set_quantization(model, weights=True, activations=True)
     w = layer.quantized_weight().detach()
     levels = w / layer.weight_step_size[layer.bit_widths.index(layer.bits)].detach()
@@ -132,4 +150,4 @@ def test_step_sizes_stay_positive_under_a_large_learning_rate():
             for alpha in (module.weight_step_size, module.activation_step_size):
                 assert torch.isfinite(alpha).all() and (alpha > 0).all()
     assert smallest > 0
-    assert len(step_size_parameters(model)) == 2 * sum(1 for m in model.modules() if hasattr(m, "log_weight_step_size"))
+    assert len(step_size_parameters(model)) == sum(1 for m in model.modules() if hasattr(m, "log_weight_step_size"))
