@@ -204,27 +204,21 @@ def quantize(
     (right for weights); layers pass the per-sample feature count for activations. signed=False is the
     range [0, 2**b - 1] for inputs that are never negative.
     """
-    numel = x.numel() if gradient_numel is None else gradient_numel
-    return _LinearQuantize.apply(x, alpha.reshape(1), 0, False, *_eq2_constants(bits, rounding, symmetric, signed, numel))
+    return _quantize_from(x, alpha.reshape(1), 0, False, bits, rounding, symmetric, signed, gradient_numel)
 
 
-def quantize_log_step(
-    x: torch.Tensor,
-    log_step_sizes: torch.Tensor,
-    index: int | tuple[int, ...],
-    bits: int,
-    *,
-    rounding: str = "floor",
-    symmetric: bool = True,
-    signed: bool = True,
-    gradient_numel: int | None = None,
-) -> torch.Tensor:
-    """`quantize` with alpha = exp(log_step_sizes[index]), the layers' parametrisation of their step sizes;
-    the gradient reaches the log step sizes in the same autograd node (the same values as quantize(x,
-    log_step_sizes[index].exp(), ...), to rounding)."""
+def quantize_log_step(x: torch.Tensor, log_step_sizes: torch.Tensor, index: int | tuple[int, ...], bits: int,
+                      **options) -> torch.Tensor:
+    """`quantize` (with its keyword options) for alpha = exp(log_step_sizes[index]), the layers' parametrisation
+    of their step sizes: the gradient reaches the log step sizes in the same autograd node (the same values as
+    quantize(x, log_step_sizes[index].exp(), ...), to rounding)."""
+    return _quantize_from(x, log_step_sizes, index, True, bits, **options)
+
+
+def _quantize_from(x, steps, index, log_domain: bool, bits: int, rounding: str = "floor", symmetric: bool = True,
+                   signed: bool = True, gradient_numel: int | None = None) -> torch.Tensor:
     numel = x.numel() if gradient_numel is None else gradient_numel
-    return _LinearQuantize.apply(x, log_step_sizes, index, True,
-                                 *_eq2_constants(bits, rounding, symmetric, signed, numel))
+    return _LinearQuantize.apply(x, steps, index, log_domain, *_eq2_constants(bits, rounding, symmetric, signed, numel))
 
 
 @functools.lru_cache(maxsize=4096, typed=True)

@@ -29,16 +29,25 @@ def deepspeed_config(cfg: StageConfig, *, world_size: int, use_gpu: bool) -> dic
             "params": {"lr": cfg.optim.lr_peak, "weight_decay": cfg.optim.weight_decay,
                        "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True, "adam_w_mode": False},
         },
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage, **_grad_norm_setting(cfg)},
         "bf16": {"enabled": False},
         "torch_autocast": {"enabled": bool(use_gpu and cfg.deepspeed.bf16_on_gpu), "dtype": "bfloat16"},
         "fp16": {"enabled": False},
         "steps_per_print": 10**9,  # progress is ours: one line per epoch
         "wall_clock_breakdown": False,
+        # Always written: DeepSpeed clips at a norm of 1.0 when the key is absent, and 0 is our "off".
+        "gradient_clipping": cfg.deepspeed.gradient_clipping,
     }
-    if cfg.deepspeed.gradient_clipping > 0:
-        config["gradient_clipping"] = cfg.deepspeed.gradient_clipping
     return config
+
+
+def _grad_norm_setting(cfg: StageConfig) -> dict:
+    """ZeRO 1 and 2 compute the global gradient norm every step by default: a vector norm per parameter tensor
+    and an all-reduce, which only gradient clipping reads (nothing of ours logs it). Without clipping they skip
+    it; ZeRO 0 has no such setting."""
+    if cfg.deepspeed.zero_stage in (1, 2) and cfg.deepspeed.gradient_clipping == 0:
+        return {"compute_grad_norm": False}
+    return {}
 
 
 def parameter_groups(net) -> list[dict]:

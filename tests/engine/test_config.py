@@ -112,7 +112,13 @@ def test_deepspeed_config_from_ours():
     assert ds["train_batch_size"] == 256
     assert ds["train_micro_batch_size_per_gpu"] == 32
     assert ds["gradient_accumulation_steps"] == 2
-    assert ds["zero_optimization"] == {"stage": 2}
+    # No clipping: ZeRO skips the global gradient norm (nothing else reads it); clipping needs it; ZeRO 0 has no such key.
+    assert ds["zero_optimization"] == {"stage": 2, "compute_grad_norm": False}
+    clipping = cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update={"gradient_clipping": 1.0})})
+    assert deepspeed_config(clipping, world_size=4, use_gpu=False)["zero_optimization"] == {"stage": 2}
+    assert ds["gradient_clipping"] == 0.0  # written even when off: DeepSpeed's default is 1.0
+    zero = cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update={"zero_stage": 0})})
+    assert deepspeed_config(zero, world_size=4, use_gpu=False)["zero_optimization"] == {"stage": 0}
     opt = ds["optimizer"]
     assert opt["type"] == "Adam" and opt["params"]["torch_adam"] is True and opt["params"]["adam_w_mode"] is False
     assert opt["params"]["lr"] == 1e-3 and opt["params"]["weight_decay"] == 1e-4

@@ -4,6 +4,8 @@ group lives as long as its process; one process for both checks saves a start-up
 - The bf16 engine: built from our config for a GPU stage, it autocasts its forward to bf16 while its weights,
   gradients, optimizer and BN statistics stay float32 (DeepSpeed's own "bf16" mode casts the weights, and a bf16
   running average stalls). Autocast and ZeRO-1 behave on CPU as on GPU, only slower.
+- gradient_clipping 0 is no clipping (DeepSpeed's own default is 1.0), and without clipping the engine skips
+  ZeRO's global gradient norm; with it, the norm is there.
 - Transitional BN keeps its entries as rows of stacked tensors; it used to keep one BatchNorm2d per entry.
   The two layouts train identically: DeepSpeed gives a zero gradient to every entry a step did not use, so
   Adam moves those entries (momentum, L2 decay) in both layouts alike.
@@ -118,11 +120,27 @@ RESULTS["layouts"] = {"max_difference": max(differences), "unused_entries": len(
                       "unused_gamma_moved": bool(unused) and bool((stacked.weight[unused] != 1).all())}
 """
 
+# After TRAIN_BOTH_LAYOUTS (its Toy network and cfg): the global gradient norm, with and without clipping.
+GRADIENT_NORM = """
+norms = {}
+for clipping in (0.0, 0.5):
+    clipped = cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update={"gradient_clipping": clipping})})
+    net = Toy(TransitionalBatchNorm2d(4, (2, 3, 4)))
+    engine = deepspeed.initialize(model=net, model_parameters=parameter_groups(net),
+                                  config=deepspeed_config(clipped, world_size=1, use_gpu=False),
+                                  dist_init_required=False)[0]
+    engine.backward(F.cross_entropy(engine(torch.randn(8, 3, 6, 6)), torch.randint(0, 10, (8,))))
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    norms[str(clipping)] = {"norm": None if norm is None else float(norm), "clips_at": engine.gradient_clipping()}
+RESULTS["gradient_norm"] = norms
+"""
+
 
 @pytest.fixture(scope="module")
 def engine_runs() -> dict:
-    return run_engine_script("RESULTS = {}\n" + TRAIN_IN_BF16 + TRAIN_BOTH_LAYOUTS + "print(json.dumps(RESULTS))\n",
-                             port=29561)
+    return run_engine_script("RESULTS = {}\n" + TRAIN_IN_BF16 + TRAIN_BOTH_LAYOUTS + GRADIENT_NORM
+                             + "print(json.dumps(RESULTS))\n", port=29561)
 
 
 def test_a_gpu_stage_autocasts_to_bf16_and_keeps_float32_weights_and_statistics(engine_runs):
@@ -145,3 +163,13 @@ def test_stacked_entries_train_exactly_as_one_batchnorm_per_entry_did(engine_run
     assert seen["max_difference"] == 0.0
     # Some entries were never chosen, and they still moved (DeepSpeed's zero gradient under L2 decay), in both.
     assert seen["unused_entries"] > 0 and seen["unused_gamma_moved"]
+
+
+def test_a_stage_clips_gradients_only_when_its_config_says_so(engine_runs):
+    """gradient_clipping 0 (the default, the paper's recipe) is no clipping in the engine: DeepSpeed clips at 1.0
+    when its config leaves the key out. Without clipping, ZeRO-1 also skips the global gradient norm it would
+    compute every step (a norm per parameter tensor and an all-reduce, launches a GPU step waits on); a stage
+    that clips still gets its norm."""
+    off, on = engine_runs["gradient_norm"]["0.0"], engine_runs["gradient_norm"]["0.5"]
+    assert off == {"norm": None, "clips_at": 0.0}
+    assert on["clips_at"] == 0.5 and on["norm"] is not None and on["norm"] > 0
