@@ -12,7 +12,7 @@ def deepspeed_config(cfg: StageConfig, *, world_size: int, use_gpu: bool) -> dic
     - bf16 on GPU when asked, as torch autocast (`torch_autocast`): the weights, their gradients, the
       optimizer and the BN statistics stay float32 and convolutions run in bf16. DeepSpeed's own "bf16" mode
       (bf16 weights, float32 master copies) was measured at half the images/s of this on an H200: its
-      optimizer pays several kernel launches per parameter tensor, and the meta-network has ~400 of them
+      optimizer pays several kernel launches per parameter tensor, and the meta-network had ~400 of them then
       (docs/benchmarks.md, "GPU"). fp32 on CPU (CPU bf16 kernels are slow).
     - Adam with L2 weight decay (the paper's Adam, not AdamW) as plain torch Adam: `torch_adam` keeps
       DeepSpeed from compiling FusedAdam, which needs CUDA (and ~95 s of build on a CPU machine).
