@@ -114,8 +114,8 @@ class _LinearQuantize(torch.autograd.Function):
     steps[index], or exp(steps[index]) where it holds log step sizes (the layers' parametrisation).
 
     One node rather than the chain select -> exp -> grad_scale -> clamp -> floor_pass / round_pass / sign_pass
-    -> * alpha: a training step pays about 11 kernel launches per quantizer instead of ~23, and on a GPU the
-    step waits on the host's launches (docs/benchmarks.md, "GPU"). With v = x / alpha (saved) and out =
+    -> * alpha: a training step pays 10 operators (kernel launches on a GPU) per quantizer instead of 23, and a
+    GPU step waits on the host's launches (docs/benchmarks.md, "GPU"). With v = x / alpha (saved) and out =
     alpha q'(clip(v, lo, hi)) (which the conv saves anyway), backward is
         dq/dx = 1 strictly inside (lo, hi), else 0: hardtanh's backward on v with the integer bounds, one kernel
                 that never reads alpha on the host, whatever its sign (an exact edge is the bound: outside);

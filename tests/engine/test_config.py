@@ -112,7 +112,7 @@ def test_deepspeed_config_from_ours():
     assert ds["train_batch_size"] == 256
     assert ds["train_micro_batch_size_per_gpu"] == 32
     assert ds["gradient_accumulation_steps"] == 2
-    # No clipping: ZeRO skips the global gradient norm (nothing else reads it); clipping needs it; ZeRO 0 has no such key.
+    # No clipping: ZeRO skips the global gradient norm (nothing else reads it); ZeRO 0 has no such key.
     assert ds["zero_optimization"] == {"stage": 2, "compute_grad_norm": False}
     clipping = cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update={"gradient_clipping": 1.0})})
     assert deepspeed_config(clipping, world_size=4, use_gpu=False)["zero_optimization"] == {"stage": 2}
