@@ -326,8 +326,8 @@ def throughput_from_gpu_check(paths: Path | list[Path], assumed: dict[str, Throu
 
     A measured architecture takes its FP32 and Stage III images/s (its bf16 figure scales with its FP32 one),
     and its wall time per step at the measured batch as the host's time per step (`host_step_s`): the
-    profiled ResNet-18 steps kept the GPU busy for about half their wall time, i.e. the GPU waited on the host. Every other
-    architecture scales by ResNet-18's measured / assumed FP32 (or the first measured one's), takes that
+    profiled ResNet-18 steps kept the GPU busy for about half their wall time, i.e. the GPU waited on the
+    host. Every other architecture scales by ResNet-18's measured / assumed FP32 (or the first measured one's), takes that
     architecture's quantized share, and its host time per step in proportion to its quantized layers
     (`layers`, counted by `quantized_layer_counts`; the host's work is per layer)."""
     measured: dict[str, Throughput] = {}

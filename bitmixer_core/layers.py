@@ -23,6 +23,7 @@ from .bitwidths import BitWidths
 from .quantizer import QuantizerOptions, fitted_step_size, quantize_log_step, quantize_nested
 
 STEP_SIZE_KINDS = ("weight", "activation")  # the rows of a layer's `log_step_size`
+WEIGHT_ROW, ACTIVATION_ROW = range(len(STEP_SIZE_KINDS))
 
 
 class QuantizedLayerMixin:
@@ -68,12 +69,12 @@ class QuantizedLayerMixin:
     @property
     def log_weight_step_size(self) -> torch.Tensor:
         """log alpha of the weights, one per bit-width (a view of `log_step_size`'s row)."""
-        return self.log_step_size[0]
+        return self.log_step_size[WEIGHT_ROW]
 
     @property
     def log_activation_step_size(self) -> torch.Tensor:
         """log alpha of the input activations, one per bit-width (a view of `log_step_size`'s row)."""
-        return self.log_step_size[1]
+        return self.log_step_size[ACTIVATION_ROW]
 
     @property
     def weight_step_size(self) -> torch.Tensor:
@@ -118,14 +119,14 @@ class QuantizedLayerMixin:
         self._activation_steps_ready = bool(self.activation_step_initialized.all())
 
     # -- quantization ----------------------------------------------------------------------------
-    def _quantize(self, x: torch.Tensor, kind: int, bit_set: tuple[int, ...], numel: int,
+    def _quantize(self, x: torch.Tensor, row: int, bit_set: tuple[int, ...], numel: int,
                   signed: bool = True) -> torch.Tensor:
         q = self.quantizer
         bits = bit_set[self._bit_index]
         if q.nesting == "clip":  # Eq. 3-4: the largest bit-width's alpha, shared by every bit-width
-            return quantize_nested(x, self.log_step_size[kind, -1].exp(), bits, bit_set[-1], rounding=q.rounding,
+            return quantize_nested(x, self.log_step_size[row, -1].exp(), bits, bit_set[-1], rounding=q.rounding,
                                    symmetric=q.symmetric, signed=signed, gradient_numel=numel)
-        return quantize_log_step(x, self.log_step_size, (kind, self._bit_index), bits, rounding=q.rounding,
+        return quantize_log_step(x, self.log_step_size, (row, self._bit_index), bits, rounding=q.rounding,
                                  symmetric=q.symmetric, signed=signed, gradient_numel=numel)
 
     def rectifies_input(self) -> bool:
@@ -147,13 +148,13 @@ class QuantizedLayerMixin:
         if self._calibrating or (self.training and not self._activation_steps_ready):
             self._initialise_activation_step(x)  # LSQ init from the first batch seen in training
         # LSQ's N for activations: features per sample.
-        return self._quantize(x, 1, self.bit_widths.activations, x.numel() // len(x),
+        return self._quantize(x, ACTIVATION_ROW, self.bit_widths.activations, x.numel() // len(x),
                               signed=self.signed_input)
 
     def quantized_weight(self) -> torch.Tensor:
         if not self.quantize_weights:
             return self.weight  # Stage I: real-valued weights
-        return self._quantize(self.weight, 0, self.bit_widths.weights, self.weight.numel())
+        return self._quantize(self.weight, WEIGHT_ROW, self.bit_widths.weights, self.weight.numel())
 
     def quantization_repr(self) -> str:
         kind = "switchable" if self.switchable else "fixed"
