@@ -16,3 +16,12 @@ if not os.environ.get("TORCH_EXTENSIONS_DIR"):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from orchestrator.engine.build_cache import torch_extensions_dir  # noqa: E402
     os.environ["TORCH_EXTENSIONS_DIR"] = torch_extensions_dir()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules that start real processes (markers `faults`, `integration`) first, each module kept whole: with
+    `.ci/run`'s two workers (pytest-xdist, one module at a time per worker) the longest modules start at
+    once and the short ones fill in behind them, instead of one long module running alone at the end."""
+    heavy = {item.module for item in items
+             if item.get_closest_marker("faults") or item.get_closest_marker("integration")}
+    items.sort(key=lambda item: item.module not in heavy)
