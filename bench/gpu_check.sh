@@ -10,6 +10,8 @@
 #   fp32    the meta-network with policy "fp32" (nothing quantized), fp32 engine: the FP32 baseline
 #   three   Stage III (k=0.75, ramp done, every layer at its own bit-width), bf16 autocast engine
 #   three32 the same in a float32 engine (RUNS names it)
+#   three32c  Stage III in a float32 engine with the compiled regions (bitmixer_core.compile_fused_regions:
+#           inductor's fused BN -> ReLU -> quantizer kernels; float32 only, so not the bf16 run), RUNS names it
 # each with NCHW and with channels-last input images (CHANNELS_LAST=both), and prints the card, every figure
 # and the ratio Stage III bf16 / FP32 baseline (each at its faster memory format, and per format).
 # Ray and FFCV are left out on purpose: bench/loader.py and the integration tests measure them.
@@ -20,7 +22,7 @@
 #     env: STEPS=200 WARMUP=20 BATCH=128 MAX_TIMED_S=30 (a timed loop stops early past it)
 #          CHANNELS_LAST=both|0|1  CUDNN_BENCHMARK=1  PLAIN=1  TIME_LIMIT_S=540
 #          RESULT_JSON=runs/gpu_check.json (the figures as JSON)  WHEELS=build/gpu_wheels
-#          RUNS=plain,fp32,three (which networks; also three32: Stage III in a float32 engine)
+#          RUNS=plain,fp32,three (which networks; also three32, three32c)
 #          ZERO_STAGE=1 (the engine's ZeRO stage, 0-2)  MODEL=resnet18 (any registered ResNet; ImageNet stem)
 #          PROFILE_STEPS=0 (after each timed loop, that many steps under torch.profiler: per step, the
 #            operators, the kernel launches, the GPU's busy time against the wall, and the top operators)
@@ -162,7 +164,7 @@ def profile(name, engine, images, labels, sampler, cfg, dtype, start: int) -> di
             "kernel_launches": round(launches)}
 
 
-def measure(name: str, stage: str, bf16: bool, channels_last: bool) -> dict:
+def measure(name: str, stage: str, bf16: bool, compiled: bool, channels_last: bool) -> dict:
     cfg = stage_config(stage, bf16)
     torch.manual_seed(0)
     if name == "plain":
@@ -179,6 +181,8 @@ def measure(name: str, stage: str, bf16: bool, channels_last: bool) -> dict:
     labels = torch.randint(0, 1000, (BATCH,), device=device)
     if stage != "fp32":
         core.calibrate_activation_step_sizes(net, images)
+    if compiled:  # inductor builds each region's graph in the warm-up steps, before the timed loop
+        core.compile_fused_regions(net)
     ds_config = deepspeed_config(cfg, world_size=1, use_gpu=True)
     total = WARMUP + STEPS
     engine, _, _, _ = deepspeed.initialize(
@@ -234,13 +238,14 @@ def measure(name: str, stage: str, bf16: bool, channels_last: bool) -> dict:
     return result
 
 
-KNOWN_RUNS = {"plain": ("plain", "fp32", False), "fp32": ("fp32", "fp32", False),
-              "three": ("three", "three", True), "three32": ("three32", "three", False)}
+KNOWN_RUNS = {"plain": ("plain", "fp32", False, False), "fp32": ("fp32", "fp32", False, False),
+              "three": ("three", "three", True, False), "three32": ("three32", "three", False, False),
+              "three32c": ("three32c", "three", False, True)}
 names = env("RUNS", "plain,fp32,three" if env("PLAIN", "1") == "1" else "fp32,three").split(",")
 if not {"fp32", "three"} <= set(names) or not set(names) <= set(KNOWN_RUNS):
     sys.exit(f"gpu_check: RUNS must name fp32 and three, and only {sorted(KNOWN_RUNS)}; got {names}.")
 runs = [KNOWN_RUNS[n] for n in names]
-results = [measure(name, stage, bf16, cl) for name, stage, bf16 in runs for cl in LAYOUTS]
+results = [measure(name, stage, bf16, compiled, cl) for name, stage, bf16, compiled in runs for cl in LAYOUTS]
 
 
 def best(name: str) -> dict:
@@ -262,7 +267,7 @@ for cl in LAYOUTS:
 print(f"gpu_check: {card}, {MODEL} 224x224 batch {BATCH}, torch {torch.__version__}, "
       f"cudnn.benchmark={summary['cudnn_benchmark']}")
 for r in results:
-    print(f"gpu_check:   {r['name']:5s} {r['dtype']:8s} {layout(r):13s} {r['images_per_s']:8.1f} images/s "
+    print(f"gpu_check:   {r['name']:8s} {r['dtype']:8s} {layout(r):13s} {r['images_per_s']:8.1f} images/s "
           f"({r['timed_steps']} steps, {r['peak_memory_gib']} GiB)")
 print(f"gpu_check: FP32 baseline {fp32['images_per_s']:.1f} images/s ({layout(fp32)}); Stage III bf16 "
       f"{three['images_per_s']:.1f} images/s ({layout(three)}); ratio (Stage III / FP32) "
