@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 
 from tests.engine.engine_process import run_engine_script
+from tests.servers import free_port
 
 TRAIN_IN_BF16 = """
 import bitmixer_core as core
@@ -140,7 +141,7 @@ RESULTS["gradient_norm"] = norms
 @pytest.fixture(scope="module")
 def engine_runs() -> dict:
     return run_engine_script("RESULTS = {}\n" + TRAIN_IN_BF16 + TRAIN_BOTH_LAYOUTS + GRADIENT_NORM
-                             + "print(json.dumps(RESULTS))\n", port=29561)
+                             + "print(json.dumps(RESULTS))\n", port=free_port())
 
 
 def test_a_gpu_stage_autocasts_to_bf16_and_keeps_float32_weights_and_statistics(engine_runs):
