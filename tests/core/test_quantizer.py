@@ -181,6 +181,40 @@ def test_float32_step_size_gradient_is_accurate_on_large_tensors():
         assert bound < 0.05 * abs(expected.item())  # tight enough that a wrong sign or a lost term fails
 
 
+def test_a_bf16_input_gets_the_levels_and_mask_of_its_exact_values():
+    """Under bf16 autocast a quantizer reads a bf16 activation. Its levels and straight-through mask must be
+    those of the exact quotient x / alpha (bf16 -> float32 is exact; one float32 division rounds once), not of
+    a bf16 quotient: rounded to 8 bits, a value just below an integer level becomes that level, so floor()
+    moves it one level up (up to 1/32 of a 4-bit range's values) and a value just inside the top bound counts
+    as outside. Every 4-bit quotient from 0 to 16 in 1/512 steps is tried; the output is the float32 product
+    alpha * level rounded once to bf16."""
+    from bitmixer_core.quantizer import quantize_log_step
+    log_steps = torch.tensor([[0.0], [math.log(0.37)]], requires_grad=True)
+    alpha = log_steps.detach()[1, 0].exp()
+    x = (torch.arange(0, 16 * 512) / 512 * alpha).bfloat16().requires_grad_()
+    v = x.detach().float() / alpha  # the exact quotient, rounded once to float32
+    assert ((x.detach() / alpha).floor() != v.floor()).sum() > 100  # a bf16 quotient would get these wrong
+    g = torch.linspace(-1, 1, x.numel()).bfloat16()
+    out = quantize_log_step(x, log_steps, (1, 0), 4, signed=False, gradient_numel=x.numel())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, (v.clamp(0, 15).floor() * alpha).bfloat16(), rtol=0, atol=0)
+    out.backward(g)
+    assert x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad, torch.where((v > 0) & (v < 15), g, 0), rtol=0, atol=0)
+    # The step size's gradient against float64 on the same bf16 values: the output is rounded to bf16 (half an
+    # ulp, 2**-9 relative, per element) and so is the bf16 dot product g . out (2**-9 of its value); the float32
+    # sums add n u sum|terms| each.
+    vd, gd, ad = x.detach().double() / alpha.double(), g.double(), alpha.double()
+    inside = (vd > 0) & (vd < 15)
+    scale = 1.0 / math.sqrt(x.numel() * 15)
+    expected = float((gd * torch.where(inside, vd.clamp(0, 15).floor() - vd, vd.clamp(0, 15))).sum() * ad * scale)
+    g_out = (gd * (vd.clamp(0, 15).floor() * ad)).abs().sum()
+    bound = (2 * 2.0 ** -9 + x.numel() * 2.0 ** -24) * float(g_out) * scale \
+        + x.numel() * 2.0 ** -24 * float((gd * inside * vd).abs().sum() * ad) * scale
+    assert abs(float(log_steps.grad[1, 0]) - expected) <= bound
+    assert bound < 0.1 * abs(expected)
+
+
 def test_gradient_numel_sets_the_lsq_scale():
     """The step-size gradient scale uses the given N (per-sample feature count for activations)."""
     x = torch.randn(4, 10, dtype=torch.float64)
