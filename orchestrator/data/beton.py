@@ -68,9 +68,16 @@ def _progress_in_images(desc: str) -> Iterator[None]:
 
 def _stop_writer_processes() -> None:
     # FFCV's worker processes are not daemons: after an interruption the interpreter would wait for them.
-    for child in multiprocessing.active_children():
+    # Each is waited for until it is gone: on a loaded machine one may take longer than the grace period to
+    # exit, and it must not outlive the conversion that started it.
+    children = multiprocessing.active_children()
+    for child in children:
         child.terminate()
+    for child in children:
         child.join(timeout=5)
+        if child.is_alive():
+            child.kill()
+            child.join()
 
 
 def write_beton(
