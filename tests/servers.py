@@ -81,6 +81,24 @@ def _tail(path: Path, n: int = 30) -> str:
         return "(no log)"
 
 
+def left_in_session(session: int, counts=lambda line: True, settle_s: float = 10.0) -> list[str]:
+    """`ps` lines ("STAT ARGS") of the session's live processes that `counts`, once the session has had up to
+    `settle_s` to empty. Zombies are dead. Python's resource tracker outlives its parent on purpose (to free
+    shared memory) and exits when it sees the parent gone; a process in the middle of exiting shows its name
+    in brackets ("[python]"), its command line released. Waiting a little lets those finish, while a process
+    that was meant to stop and did not stays listed."""
+    def alive() -> list[str]:
+        out = subprocess.run(["ps", "-o", "stat=,args=", "-s", str(session)], capture_output=True, text=True).stdout
+        return [line for line in out.splitlines()
+                if not line.startswith("Z") and "resource_tracker" not in line and counts(line)]
+
+    left, deadline = alive(), time.monotonic() + settle_s
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = alive()
+    return left
+
+
 def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     """Stop a server started with start_new_session=True: SIGTERM to its group (its PID), then SIGKILL."""
     if proc.poll() is not None:

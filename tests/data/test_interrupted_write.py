@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.servers import left_in_session
+
 from .helpers import make_image_folder
 
 
@@ -37,13 +39,7 @@ def test_interrupted_conversion_leaves_no_beton(tmp_path):
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
         # The writer process (stalled for 600 s) must be gone with its parent: list what is left in the session.
-        # Zombies are dead; Python's resource tracker outlives its parent on purpose, to free shared memory, and
-        # exits when it sees the parent gone (ps then shows it as "[python]", its command line released), so the
-        # session gets a few seconds to empty: the stalled writer would stay listed for ten minutes.
-        alive, settle = _left_in_session(proc.pid), time.monotonic() + 15
-        while alive and time.monotonic() < settle:
-            time.sleep(0.2)
-            alive = _left_in_session(proc.pid)
+        alive = left_in_session(proc.pid)
     finally:
         # Everything this test started is in the session it created: end it, whatever happened above.
         with contextlib.suppress(ProcessLookupError):
@@ -52,13 +48,6 @@ def test_interrupted_conversion_leaves_no_beton(tmp_path):
     assert alive == []
     assert not list(out.glob("*.beton")) and not (out / "classes.json").exists()
     assert not list(out.glob("*.tmp-*")) and not list(tmp_path.glob("out.staging-*"))
-
-
-def _left_in_session(session: int) -> list[str]:
-    """`ps` lines of the session's processes that are neither zombies nor Python's resource tracker."""
-    processes = subprocess.run(["ps", "-o", "stat=,args=", "-s", str(session)], capture_output=True, text=True)
-    return [line for line in processes.stdout.splitlines()
-            if not line.startswith("Z") and "resource_tracker" not in line]
 
 
 def _start_stalled(tmp_path, src, out, marker):

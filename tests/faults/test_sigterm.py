@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from tests.engine.callbacks import recorded
+from tests.servers import left_in_session
 
 from .conftest import ROOT
 
@@ -49,9 +50,7 @@ def _start(tmp, config: str, name: str) -> subprocess.Popen:
 
 def _alive_in_session(sid: int) -> list[str]:
     """Ray's processes (raylet, GCS, workers) and Python processes still alive in the driver's session."""
-    out = subprocess.run(["ps", "-o", "stat=,args=", "-s", str(sid)], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if not line.startswith("Z") and "resource_tracker" not in line
-            and ("ray" in line or "python" in line)]
+    return left_in_session(sid, counts=lambda line: "ray" in line or "python" in line)
 
 
 def test_sigterm_ends_runs_killed_and_the_rerun_resumes(tmp_path):
