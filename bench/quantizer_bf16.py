@@ -1,7 +1,8 @@
 """How far the step-size gradient of the quantizer moves when it runs on bf16 activations (a GPU stage's
-autocast: the BN output has 8 significant bits; x / alpha is one float32 division), against float64 arithmetic on the very
-same bf16 input and upstream gradient. Post-ReLU activations of 32 x 64 x 28 x 28, the unsigned range, the
-fitted step size; the relative error of d loss / d log alpha over `--trials` draws per bit-width.
+autocast: the BN output has 8 significant bits; x / alpha is one float32 division), against float64
+arithmetic on the very same bf16 input and upstream gradient. Post-ReLU activations of 32 x 64 x 28 x 28, the
+unsigned range, the fitted step size; the relative error of d loss / d log alpha over `--trials` draws per
+bit-width.
 
     .venv/bin/python bench/quantizer_bf16.py [--trials 5] [--exact-dots]
 

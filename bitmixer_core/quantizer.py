@@ -128,16 +128,15 @@ class _LinearQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, steps, index, log_domain: bool, lo: int, hi: int, rounding: str, scale: float):
         alpha = steps[index].exp() if log_domain else steps[index]
-        if x.dtype in LOW_PRECISION and alpha.dtype not in LOW_PRECISION:
-            # A bf16 input (a GPU stage's BN output under autocast) is divided by a one-element alpha: type
-            # promotion then makes v float32 (bf16 -> float32 is exact) in the same one kernel, so its levels
-            # are Eq. 2's; a 0-dim alpha would keep v in bf16, whose 8 bits put up to 1/32 of the values of a
-            # 4-bit range one level too high and move the step size's gradient by ~13 % (bench/quantizer_bf16.py).
-            v = torch.div(x, alpha.reshape(1))
-            out = torch.mul(_levels_(v.clamp(lo, hi), rounding), alpha, out=torch.empty_like(x))
-        else:
-            v = torch.div(x, alpha)
-            out = _levels_(v.clamp(lo, hi), rounding).mul_(alpha)
+        # A bf16 input (a GPU stage's BN output under autocast) is divided by a one-element alpha: type promotion
+        # then makes v float32 (bf16 -> float32 is exact) in the same one kernel, so its levels are Eq. 2's; a
+        # 0-dim alpha would keep v in bf16, whose 8 bits put up to 1/32 of the values of a 4-bit range one level
+        # too high and move the step size's gradient by several per cent (bench/quantizer_bf16.py). The output
+        # keeps the input's dtype.
+        low_precision = x.dtype in LOW_PRECISION and alpha.dtype not in LOW_PRECISION
+        v = torch.div(x, alpha.reshape(1) if low_precision else alpha)
+        levels = _levels_(v.clamp(lo, hi), rounding)
+        out = torch.mul(levels, alpha, out=torch.empty_like(x)) if low_precision else levels.mul_(alpha)
         ctx.save_for_backward(v, alpha, out)
         ctx.index, ctx.steps, ctx.log_domain = index, tuple(steps.shape), log_domain
         ctx.lo, ctx.hi, ctx.scale = lo, hi, scale
@@ -155,7 +154,8 @@ class _LinearQuantize(torch.autograd.Function):
             else:
                 grad_step = g_dot_q / alpha - inside_dot_v
             grad_steps = grad_step * _scaled_unit(ctx.steps, ctx.index, ctx.scale, alpha)
-        grad_x = grad_x.to(grad.dtype)  # float32 where v is (a bf16 input): the input's dtype again
+        if grad_x.dtype != grad.dtype:  # float32 where v is (a bf16 input): the input's dtype again
+            grad_x = grad_x.to(grad.dtype)
         return (grad_x if ctx.needs_input_grad[0] else None), grad_steps, None, None, None, None, None, None
 
 
